@@ -1,0 +1,308 @@
+"""LoRA (Hu et al., 2021): a frozen kernel ``W`` plus a trainable low-rank update ``s * A @ B``.
+
+``apply`` rewrites the target kernels of a parameter tree into :class:`LoraWeight` nodes;
+``peftjax.lift(fn)`` runs any model on the rewritten tree, computing ``x@W + s*((x@A)@B)``
+without forming ``W + s*A@B``; ``peftjax.merge`` folds the update in for export.
+
+Kernel layout. A kernel's axes are ``[*batch, *in, *out]``: ``batch`` are leading layer axes of
+layer-stacked (``nn.scan``) parameters, ``in`` the axes contracted with the input, ``out`` the
+output features. ``A`` is ``[*batch, *in, r]`` and ``B`` is ``[*batch, r, *out]``. The layout of
+each target is chosen by :func:`default_layout` (override with ``layout=``):
+
+* a 2-D kernel is ``[in, out]`` (``nn.Dense``);
+* a kernel under a path component named ``layers``/``blocks``/``scan*``/... (the Flax ``nn.scan``
+  convention, see :data:`STACKED_PATH`) has one leading layer axis;
+* the remaining axes (``DenseGeneral``: ``[d, heads, head_dim]`` or ``[heads, head_dim, d]``)
+  are split where the products of the two sides are closest, so ``[d, H, Dh] -> in=[d]`` and
+  ``[H, Dh, d] -> in=[H, Dh]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from peftjax._src import nodes as nodes_lib
+from peftjax._src import targeting
+from peftjax._src.nodes import Node, is_node, node_dataclass, static_field
+
+__all__ = ["LoraWeight", "apply", "default_layout", "set_dropout_key", "unmerge"]
+
+#: Path components that mark layer-stacked (``nn.scan``) parameters.
+STACKED_PATH = re.compile(r"(?i)(layers|blocks|stack(ed)?|.*scan.*)")
+
+
+@node_dataclass
+class LoraWeight(Node):
+  """``w + scale * A @ B`` (contracting the rank axis), with ``w`` frozen and ``a``, ``b`` trained.
+
+  Attributes:
+    w: frozen base kernel ``[*batch, *in, *out]`` (an array or a wrappable node, e.g. quantized).
+    a: ``[*batch, *in, r]``.
+    b: ``[*batch, r, *out]``.
+    dropout_key: ``None`` (no dropout) or raw uint32 key data ``[*batch, 2]`` set by
+      :func:`set_dropout_key`; frozen.
+    scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+    n_in: number of input axes. The number of leading layer axes is derived from the leaves
+      (``a.ndim - n_in - 1``), so slicing every leaf on axis 0, as ``lax.scan`` does with a
+      layer-stacked node, gives the node of one layer.
+    dropout: dropout rate on the adapter's input (used only when ``dropout_key`` is set).
+  """
+
+  w: Any
+  a: jax.Array
+  b: jax.Array
+  dropout_key: Any = None
+  scale: float = static_field(default=1.0)
+  n_in: int = static_field(default=1)
+  dropout: float = static_field(default=0.0)
+
+  trainable_fields = ("a", "b")
+
+  @property
+  def shape(self):
+    return tuple(self.w.shape)
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  @property
+  def n_batch(self) -> int:
+    return self.a.ndim - self.n_in - 1
+
+  @property
+  def rank(self) -> int:
+    return self.a.shape[-1]
+
+  def delta(self) -> jax.Array:
+    """``scale * A @ B`` with the shape of ``w`` (in the adapters' dtype)."""
+    nb, ni = self.n_batch, self.n_in
+    bshape = self.a.shape[:nb]
+    in_shape, out_shape = self.a.shape[nb:nb + ni], self.b.shape[nb + 1:]
+    a2 = self.a.reshape(*bshape, math.prod(in_shape), self.rank)
+    b2 = self.b.reshape(*bshape, self.rank, math.prod(out_shape))
+    d = jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST) * self.scale
+    return d.reshape(*bshape, *in_shape, *out_shape)
+
+  def materialize(self):
+    w = nodes_lib.materialize(self.w)
+    return (w + self.delta().astype(w.dtype)).astype(w.dtype)
+
+  def _dropout(self, x, x_batch_axes):
+    if self.dropout_key is None or self.dropout <= 0.0:
+      return x
+    if self.n_batch:
+      # Stacked node used outside a scan: keys per layer would need the layer axis in x.
+      key = self.dropout_key.reshape(-1, 2)[0]
+    else:
+      key = self.dropout_key
+    key = jax.random.wrap_key_data(key)
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+  def dot_general(self, x, dimension_numbers, *, precision=None, preferred_element_type=None):
+    (lc, rc), (lb, rb) = dimension_numbers
+    nb, ni = self.n_batch, self.n_in
+    batch_axes = tuple(range(nb))
+    in_axes = tuple(range(nb, nb + ni))
+    out_axes = tuple(range(nb + ni, self.ndim))
+    if tuple(sorted(rb)) != batch_axes:
+      return super().dot_general(x, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+    dot = lambda u, v, dims: lax.dot_general(u, v, dims, precision=precision,
+                                             preferred_element_type=preferred_element_type)
+    base = nodes_lib.dot_general(x, self.w, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+    a = self.a.astype(x.dtype)
+    b = self.b.astype(x.dtype)
+    xd = self._dropout(x, lb)
+    n_lb = len(lb)
+    if tuple(sorted(rc)) == in_axes:
+      # x W = (x A) B: contract x with A over the input axes (same positions in A as in W).
+      t = dot(xd, a, ((lc, rc), (lb, rb)))               # [batch, x_free, r]
+      t = t * jnp.asarray(self.scale, t.dtype)
+      b_batch = tuple(rb)                                # B's batch axes sit where W's do
+      upd = dot(t, b, (((t.ndim - 1,), (nb,)), (tuple(range(n_lb)), b_batch)))
+    elif tuple(sorted(rc)) == out_axes:
+      # x W^T-like use (tied embeddings): x B^T A^T. W's out axis j sits at j - ni + 1 in B.
+      rc_b = tuple(c - ni + 1 for c in rc)
+      t = dot(xd, b, ((lc, rc_b), (lb, rb)))             # [batch, x_free, r]
+      t = t * jnp.asarray(self.scale, t.dtype)
+      upd = dot(t, a, (((t.ndim - 1,), (nb + ni,)), (tuple(range(n_lb)), tuple(rb))))
+    else:
+      return super().dot_general(x, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+    return base + upd.astype(base.dtype)
+
+  def astype(self, dtype):
+    # Only the base is cast here; the rule casts A and B to the input's dtype at the matmul,
+    # so f32 adapters on a bf16 model stay f32 in the parameter tree.
+    w = self.w.astype(dtype)
+    return self.replace(w=w)
+
+
+# -- layout -----------------------------------------------------------------------------------
+
+def default_layout(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
+  """``(n_batch, n_in)`` for a kernel: see the module docstring."""
+  ndim = len(shape)
+  n_batch = 0
+  if ndim >= 3 and any(STACKED_PATH.fullmatch(c) for c in path.split("/")[:-1]):
+    n_batch = 1
+  rest = shape[n_batch:]
+  if len(rest) == 2:
+    return n_batch, 1
+  best = min(range(1, len(rest)),
+             key=lambda i: (abs(math.log(math.prod(rest[:i])) - math.log(math.prod(rest[i:]))), i))
+  return n_batch, best
+
+
+def _path_key(key, path: str):
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _init_a(init, key, shape, fan_in, rank, dtype):
+  if callable(init):
+    return jnp.asarray(init(key, shape, dtype), dtype)
+  if init in ("kaiming", "kaiming_uniform", True, "default"):
+    # torch's kaiming_uniform_(a=sqrt(5)) as in HF PEFT: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  if init == "gaussian":
+    return (jax.random.normal(key, shape, jnp.float32) / rank).astype(dtype)
+  raise ValueError(f"init={init!r} is not supported; use 'kaiming', 'gaussian' or a callable "
+                   f"(key, shape, dtype) -> array")
+
+
+def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, key=None,
+          dropout: float = 0.0, init: Any = "kaiming", rslora: bool = False, dtype=None,
+          layout: Callable[[str, tuple], tuple[int, int]] | None = None):
+  """Rewrites the target kernels of ``params`` into :class:`LoraWeight` nodes.
+
+  Args:
+    params: any parameter pytree (Flax linen ``variables``/``params``, NNX ``State``, dicts).
+    rank: LoRA rank ``r`` (> 0, at most ``min(prod(in), prod(out))`` of every target).
+    alpha: scale numerator; the update is ``(alpha / r) * A @ B``. Defaults to ``rank``.
+    targets: which kernels (see :mod:`peftjax._src.targeting`): ``None`` = every dense kernel of
+      attention and MLP blocks; a regex over ``"a/b/kernel"`` paths; module names; a callable.
+    key: PRNG key for ``A``; each kernel's key is ``fold_in(key, crc32(path))``. Default key 0.
+    dropout: dropout rate on the adapter's input, active once :func:`set_dropout_key` gives the
+      nodes a key (training), inactive otherwise (evaluation).
+    init: ``"kaiming"`` (HF PEFT's default, ``U(+-1/sqrt(fan_in))``), ``"gaussian"``
+      (``N(0, 1/r^2)``) or a callable ``(key, shape, dtype)``; ``B`` is zero either way, so the
+      model is unchanged at init.
+    rslora: scale ``alpha / sqrt(r)`` (Kalajdzievski, 2023) instead of ``alpha / r``.
+    dtype: dtype of ``A`` and ``B``; defaults to the kernel's dtype (float32 for quantized bases).
+    layout: ``(path, shape) -> (n_batch, n_in)``; defaults to :func:`default_layout`.
+
+  Returns:
+    The same tree with target kernels replaced by :class:`LoraWeight` nodes.
+
+  Raises:
+    ValueError: bad rank/alpha/dropout, a target that matches nothing, a target that is not a
+      kernel, or a kernel that already has LoRA.
+
+  >>> import jax.numpy as jnp, peftjax
+  >>> params = {"attn": {"q_proj": {"kernel": jnp.zeros((16, 16))}}, "norm": {"scale": jnp.ones(16)}}
+  >>> tuned = peftjax.lora.apply(params, rank=4)
+  >>> tuned["attn"]["q_proj"]["kernel"].a.shape, tuned["attn"]["q_proj"]["kernel"].b.shape
+  ((16, 4), (4, 16))
+  """
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
+    raise ValueError(f"rank must be a positive integer, got {rank!r}")
+  alpha = float(rank if alpha is None else alpha)
+  if not math.isfinite(alpha):
+    raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+  scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+  key = jax.random.key(0) if key is None else key
+  if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  layout = layout or default_layout
+
+  chosen = targeting.select(params, targets)
+  for path, leaf in chosen:
+    if isinstance(leaf, LoraWeight):
+      raise ValueError(f"{path} already has LoRA (rank {leaf.rank}); apply LoRA once per kernel, "
+                       f"or merge first with peftjax.merge")
+    if not targeting.is_kernel_like(leaf):
+      what = (f"{type(leaf).__name__}{list(leaf.shape)}" if is_node(leaf) else
+              f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}" if targeting.is_array(leaf) else
+              type(leaf).__name__)
+      raise ValueError(f"target {path} is not a kernel (a floating array with ndim >= 2): got "
+                       f"{what}; narrow `targets`")
+
+  def rewrite(path, w):
+    shape = tuple(w.shape)
+    n_batch, n_in = layout(path, shape)
+    if not (0 <= n_batch and 1 <= n_in and n_batch + n_in < len(shape)):
+      raise ValueError(f"layout for {path} {list(shape)} gave n_batch={n_batch}, n_in={n_in}; "
+                       f"need n_batch >= 0, n_in >= 1 and at least one output axis")
+    bshape = shape[:n_batch]
+    in_shape, out_shape = shape[n_batch:n_batch + n_in], shape[n_batch + n_in:]
+    fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
+    if rank > min(fan_in, fan_out):
+      raise ValueError(f"rank={rank} is larger than {path} allows: its kernel {list(shape)} maps "
+                       f"{fan_in} inputs to {fan_out} outputs, so rank <= {min(fan_in, fan_out)}")
+    adt = jnp.dtype(dtype) if dtype is not None else (
+        jnp.dtype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) and not is_node(w)
+        else jnp.dtype(jnp.float32))
+    k = _path_key(key, path)
+    n_layers = math.prod(bshape)
+    ks = jax.random.split(k, n_layers) if n_batch else k[None]
+    a = jnp.stack([_init_a(init, kk, (*in_shape, rank), fan_in, rank, adt) for kk in ks])
+    a = a.reshape(*bshape, *in_shape, rank)
+    b = jnp.zeros((*bshape, rank, *out_shape), adt)
+    return LoraWeight(w=w, a=a, b=b, scale=scale, n_in=n_in, dropout=dropout)
+
+  return targeting.map_selected(rewrite, params, {p for p, _ in chosen})
+
+
+def set_dropout_key(params, key):
+  """Gives every :class:`LoraWeight` with ``dropout > 0`` a fresh dropout key (per node, per layer).
+
+  Call once per training step with a new key; call with ``key=None`` for evaluation.
+  """
+  def visit(path, x):
+    if not isinstance(x, LoraWeight) or x.dropout <= 0.0:
+      return x
+    if key is None:
+      return x.replace(dropout_key=None)
+    k = _path_key(key, targeting.path_str(path))
+    bshape = x.a.shape[:x.n_batch]
+    ks = jax.random.split(k, math.prod(bshape)) if x.n_batch else k
+    data = jax.random.key_data(ks).reshape(*bshape, 2)
+    return x.replace(dropout_key=data)
+  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_node)
+
+
+def unmerge(merged, tuned):
+  """Recovers the LoRA tree from merged kernels: ``w = merged - scale * A @ B``.
+
+  Args:
+    merged: a plain tree as produced by ``peftjax.merge(tuned)`` (possibly modified elsewhere).
+    tuned: the LoRA tree whose adapters were merged.
+
+  Returns:
+    ``tuned`` with every ``LoraWeight.w`` replaced by ``merged - delta`` (other leaves from
+    ``merged``).
+  """
+  def visit(m, t):
+    if isinstance(t, LoraWeight):
+      if tuple(m.shape) != t.shape:
+        raise ValueError(f"merged kernel shape {list(m.shape)} != LoRA kernel shape {list(t.shape)}")
+      if is_node(t.w):
+        raise ValueError("unmerge needs a plain base kernel; for quantized bases use "
+                         "peftjax.qlora.merge_requantized")
+      return t.replace(w=(m - t.delta().astype(m.dtype)).astype(m.dtype))
+    return m
+  return jax.tree_util.tree_map(visit, merged, tuned, is_leaf=is_node)
