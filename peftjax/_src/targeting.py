@@ -5,7 +5,7 @@ names and sequence indices joined by ``/``; the ``value`` attribute of Flax NNX 
 dropped, so NNX state paths read like linen ones). A *target spec* is one of
 
 * ``None``: the default, every dense kernel of attention and MLP blocks (HF PEFT's "all-linear"):
-  a floating leaf named ``kernel`` (or a wrappable node there) with ``ndim >= 2``, excluding
+  a floating leaf named ``kernel`` (or a node there) with ``ndim >= 2``, excluding
   embeddings, norms and output heads (see :data:`DEFAULT_EXCLUDE`);
 * a ``str``: a regular expression that must match the whole path (``re.fullmatch``);
 * a list/tuple of module names: kernels whose path contains one of the names as a component
@@ -72,7 +72,7 @@ def is_kernel_like(leaf) -> bool:
 
 def default_target(path: str, leaf) -> bool:
   parts = path.split("/")
-  return (parts[-1] == "kernel" and is_kernel_like(leaf) and
+  return (parts[-1] == "kernel" and (is_kernel_like(leaf) or is_node(leaf)) and
           not any(DEFAULT_EXCLUDE.fullmatch(c) for c in parts[:-1]))
 
 
@@ -94,7 +94,8 @@ def compile_targets(targets: Targets) -> Callable[[str, Any], bool]:
       raise TypeError(f"targets must be a regex, a non-empty list of module names or a callable "
                       f"(path, leaf) -> bool; got {targets!r}")
     wanted = set(names)
-    return lambda path, leaf: (path.rsplit("/", 1)[-1] == "kernel" and is_kernel_like(leaf) and
+    return lambda path, leaf: (path.rsplit("/", 1)[-1] == "kernel" and
+                               (is_kernel_like(leaf) or is_node(leaf)) and
                                bool(wanted.intersection(path.split("/")[:-1])))
   raise TypeError(f"targets must be None, a regex string, a list of module names or a callable; "
                   f"got {type(targets).__name__}: {targets!r}")

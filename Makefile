@@ -1,0 +1,34 @@
+# One command sets everything up and runs the job; one sets everything up and runs the tests.
+#   make demo    # main job
+#   make test    # whole test suite
+# Needs only Python 3.11 (python3.11 or python3), git and make. Everything else goes into .venv.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# PyTorch (CPU) is the reference for parity tests only; never a peftjax dependency.
+	# Installed first and pinned, so nothing pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/lora_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
