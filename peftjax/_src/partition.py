@@ -64,6 +64,14 @@ def split(tree, mask=None):
   ``combine(*split(tree)) `` rebuilds ``tree`` exactly. ``mask`` defaults to
   :func:`trainable_mask` of ``tree``; ``tree`` may already contain ``None`` leaves (a gradient
   of the trainable part, say).
+
+  >>> import jax.numpy as jnp, peftjax
+  >>> t = peftjax.lora.apply({"d": {"kernel": jnp.ones((4, 4))}}, rank=2)
+  >>> trainable, frozen = peftjax.split(t)
+  >>> trainable["d"]["kernel"].w is None, frozen["d"]["kernel"].a is None
+  (True, True)
+  >>> peftjax.combine(trainable, frozen)["d"]["kernel"].w.shape
+  (4, 4)
   """
   if mask is None:
     mask = trainable_mask(tree)
@@ -77,6 +85,10 @@ def combine(*trees):
 
   Raises:
     ValueError: if the trees do not have the same structure (naming the differing paths).
+
+  >>> import peftjax
+  >>> peftjax.combine({"a": None, "b": 2}, {"a": 1, "b": None})
+  {'a': 1, 'b': 2}
   """
   if not trees:
     raise TypeError("combine() needs at least one tree")
@@ -146,6 +158,13 @@ def merge(tree):
 
   The result is an ordinary parameter tree for export or serving; ``lift(fn)(tree)`` equals
   ``fn(merge(tree))`` for every ``fn``.
+
+  >>> import jax.numpy as jnp, peftjax
+  >>> t = peftjax.lora.apply({"d": {"kernel": jnp.zeros((4, 4))}}, rank=2)
+  >>> t = {"d": {"kernel": t["d"]["kernel"].replace(b=jnp.ones((2, 4)))}}
+  >>> m = peftjax.merge(t)["d"]["kernel"]        # W + (alpha/r) * A @ B
+  >>> bool(jnp.allclose(m, t["d"]["kernel"].a @ t["d"]["kernel"].b))
+  True
   """
   return jax.tree_util.tree_map(materialize, tree, is_leaf=is_node)
 

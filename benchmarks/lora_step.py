@@ -1,0 +1,145 @@
+"""LoRA training step vs full fine-tuning, lift forward vs merged forward, and trace cost.
+
+Measured side by side in one process on a Llama-like Flax model (pre-norm, SwiGLU MLP, tied
+nothing; targets: all seven linear layers per block), f32:
+
+* LoRA training step / full fine-tuning step (goal <= 0.75: frozen kernels get no weight
+  gradient, and the optimizer touches only the adapters);
+* ``lift`` forward / merged forward (goal <= 1.10);
+* trace + compile time of ``jit(lift(fn))`` / ``jit(fn)`` (goal <= 2.0).
+
+    python benchmarks/lora_step.py [--shape reference|small] [--steps 10] [--json out.json]
+
+Shape "reference" is DESIGN.md's: vocab 8192, hidden 512, 4 layers, 8 heads, FFN 1376, batch 4,
+seq 128, LoRA r=8 alpha 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import peftjax
+from peftjax.testing import TinyTransformer, next_token_loss
+
+SHAPES = {
+    "reference": dict(vocab=8192, dim=512, heads=8, ffn=1376, layers=4, batch=4, seq=128),
+    "small": dict(vocab=1024, dim=128, heads=4, ffn=384, layers=2, batch=4, seq=64),
+}
+
+
+def median_time(fn, *args, steps: int):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def compile_time(fn, *args):
+  jax.clear_caches()  # measure a cold trace + lower + compile, not a cache hit
+  t0 = time.perf_counter()
+  jax.jit(fn).lower(*args).compile()
+  return time.perf_counter() - t0
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--shape", choices=list(SHAPES), default="reference")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--rank", type=int, default=8)
+  ap.add_argument("--scan", action="store_true", help="layer-stacked params (nn.scan)")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args(argv)
+  cfg = SHAPES[args.shape]
+
+  model = TinyTransformer(vocab=cfg["vocab"], dim=cfg["dim"], heads=cfg["heads"], ffn=cfg["ffn"],
+                          layers=cfg["layers"], scan=args.scan)
+  tokens = jax.random.randint(jax.random.key(1), (cfg["batch"], cfg["seq"]), 0, cfg["vocab"])
+  params = model.init(jax.random.key(0), tokens)
+  tuned = peftjax.lora.apply(params, rank=args.rank, alpha=2 * args.rank,
+                             targets=lambda p, x: p.endswith("kernel") and "lm_head" not in p)
+  s = peftjax.summary(tuned)
+  forward = peftjax.lift(model.apply)
+  opt = optax.adamw(1e-4)
+
+  # --- full fine-tuning
+  full_state = opt.init(params)
+
+  @jax.jit
+  def full_step(p, st, tok):
+    loss, g = jax.value_and_grad(lambda p: next_token_loss(model.apply(p, tok), tok))(p)
+    u, st = opt.update(g, st, p)
+    return optax.apply_updates(p, u), st, loss
+
+  # --- LoRA
+  tx = peftjax.optimizer(opt, tuned)
+  trainable, frozen = peftjax.split(tuned)
+  lora_state = tx.init(trainable)
+
+  @jax.jit
+  def lora_step(t, frozen, st, tok):
+    loss, g = jax.value_and_grad(
+        lambda t: next_token_loss(forward(peftjax.combine(t, frozen), tok), tok))(t)
+    u, st = tx.update(g, st, t)
+    return optax.apply_updates(t, u), st, loss
+
+  merged = peftjax.merge(tuned)
+  fwd_lift = jax.jit(forward)
+  fwd_merged = jax.jit(model.apply)
+
+  results = {}
+  # Interleave the measurements so drifting machine load hits both sides alike.
+  rounds = 3
+  for _ in range(rounds):
+    results.setdefault("full_step_s", []).append(
+        median_time(full_step, params, full_state, tokens, steps=args.steps))
+    results.setdefault("lora_step_s", []).append(
+        median_time(lora_step, trainable, frozen, lora_state, tokens, steps=args.steps))
+    results.setdefault("merged_fwd_s", []).append(
+        median_time(fwd_merged, merged, tokens, steps=args.steps))
+    results.setdefault("lift_fwd_s", []).append(
+        median_time(fwd_lift, tuned, tokens, steps=args.steps))
+  res = {k: min(v) for k, v in results.items()}
+  res["compile_fn_s"] = min(compile_time(model.apply, merged, tokens) for _ in range(2))
+  res["compile_lift_s"] = min(compile_time(peftjax.lift(model.apply), tuned, tokens)
+                              for _ in range(2))
+  ratios = {
+      "lora_step / full_step": res["lora_step_s"] / res["full_step_s"],
+      "lift_fwd / merged_fwd": res["lift_fwd_s"] / res["merged_fwd_s"],
+      "trace+compile lift / fn": res["compile_lift_s"] / res["compile_fn_s"],
+  }
+  goals = {"lora_step / full_step": 0.75, "lift_fwd / merged_fwd": 1.10,
+           "trace+compile lift / fn": 2.0}
+  print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, jax {jax.__version__}, "
+        f"backend {jax.default_backend()}")
+  print(f"shape: {args.shape} {cfg}, scan={args.scan}, LoRA r={args.rank}: trainable "
+        f"{s.trainable:,} of {s.total:,} params")
+  print(f"{'measure':28s} {'seconds':>10s}")
+  for k, v in res.items():
+    print(f"{k:28s} {v:10.4f}")
+  print(f"\n{'ratio':28s} {'value':>8s} {'goal':>6s}")
+  for k, v in ratios.items():
+    print(f"{k:28s} {v:8.3f} {'<=' + str(goals[k]):>6s} {'ok' if v <= goals[k] else 'MISSED'}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"shape": cfg, "scan": args.scan, "rank": args.rank, "seconds": res,
+                 "ratios": ratios, "goals": goals, "jax": jax.__version__,
+                 "backend": jax.default_backend()}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
