@@ -19,6 +19,7 @@ each target is chosen by :func:`default_layout` (override with ``layout=``):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from peftjax._src import nodes as nodes_lib
 from peftjax._src import targeting
@@ -54,6 +56,12 @@ class LoraWeight(Node):
       (``a.ndim - n_in - 1``), so slicing every leaf on axis 0, as ``lax.scan`` does with a
       layer-stacked node, gives the node of one layer.
     dropout: dropout rate on the adapter's input (used only when ``dropout_key`` is set).
+    matmul: how ``lift`` computes ``x @ (w + s*A@B)``: ``"factored"`` (``x@w + s*(x@A)@B``, best
+      for few tokens, e.g. decoding), ``"merged"`` (one matmul with the merged kernel, recomputed
+      in a custom backward pass that never forms a weight gradient; best for training batches),
+      or ``"auto"`` (choose per call by the sizes, see :func:`_merge_is_cheaper`). A quantized
+      base or active dropout always uses the factored form. The merged form has a custom
+      reverse-mode rule: forward-mode AD (``jvp``, ``jacfwd``, Hessians) needs ``"factored"``.
   """
 
   w: Any
@@ -63,6 +71,7 @@ class LoraWeight(Node):
   scale: float = static_field(default=1.0)
   n_in: int = static_field(default=1)
   dropout: float = static_field(default=0.0)
+  matmul: str = static_field(default="auto")
 
   trainable_fields = ("a", "b")
 
@@ -84,13 +93,7 @@ class LoraWeight(Node):
 
   def delta(self) -> jax.Array:
     """``scale * A @ B`` with the shape of ``w`` (in the adapters' dtype)."""
-    nb, ni = self.n_batch, self.n_in
-    bshape = self.a.shape[:nb]
-    in_shape, out_shape = self.a.shape[nb:nb + ni], self.b.shape[nb + 1:]
-    a2 = self.a.reshape(*bshape, math.prod(in_shape), self.rank)
-    b2 = self.b.reshape(*bshape, self.rank, math.prod(out_shape))
-    d = jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST) * self.scale
-    return d.reshape(*bshape, *in_shape, *out_shape)
+    return _delta(self.a, self.b, self.scale, self.n_in)
 
   def materialize(self):
     w = nodes_lib.materialize(self.w)
@@ -119,10 +122,16 @@ class LoraWeight(Node):
                                  preferred_element_type=preferred_element_type)
     dot = lambda u, v, dims: lax.dot_general(u, v, dims, precision=precision,
                                              preferred_element_type=preferred_element_type)
-    base = nodes_lib.dot_general(x, self.w, dimension_numbers, precision=precision,
-                                 preferred_element_type=preferred_element_type)
     a = self.a.astype(x.dtype)
     b = self.b.astype(x.dtype)
+    dropout_active = self.dropout_key is not None and self.dropout > 0.0
+    merge = self.matmul == "merged" or (self.matmul == "auto" and
+                                        _merge_is_cheaper(x, self, lc, lb))
+    if merge and not is_node(self.w) and not dropout_active and tuple(sorted(rc)) == in_axes:
+      return _merged_dot(x, self.w, a, b, self.scale, self.n_in, dimension_numbers, precision,
+                         preferred_element_type)
+    base = nodes_lib.dot_general(x, self.w, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
     xd = self._dropout(x, lb)
     n_lb = len(lb)
     if tuple(sorted(rc)) == in_axes:
@@ -147,6 +156,95 @@ class LoraWeight(Node):
     # so f32 adapters on a bf16 model stay f32 in the parameter tree.
     w = self.w.astype(dtype)
     return self.replace(w=w)
+
+
+# -- the matmul rules ---------------------------------------------------------------------------
+
+def _delta(a, b, scale, n_in):
+  """``scale * A @ B`` contracting the rank axis: shape ``[*batch, *in, *out]``."""
+  n_batch = a.ndim - n_in - 1
+  bshape = a.shape[:n_batch]
+  in_shape, out_shape = a.shape[n_batch:n_batch + n_in], b.shape[n_batch + 1:]
+  rank = a.shape[-1]
+  a2 = a.reshape(*bshape, math.prod(in_shape), rank)
+  b2 = b.reshape(*bshape, rank, math.prod(out_shape))
+  d = jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST) * scale
+  return d.reshape(*bshape, *in_shape, *out_shape)
+
+
+def _merge_is_cheaper(x, node, lc, lb) -> bool:
+  """Whether forming ``W + s*A@B`` beats the factored form in memory traffic.
+
+  The factored form moves a few activation-sized arrays per kernel (``x@A``, ``(x@A)@B``, the
+  sum, and their transposes in the backward pass: about ``N*(d_in + d_out)`` elements each); the
+  merged form moves weight-sized ones (``d_in*d_out``). Training batches (``N`` = tokens in the
+  batch, large) favour merging; decoding a few tokens favours the factored form.
+  """
+  n_batch = node.n_batch
+  d_in = math.prod(node.shape[n_batch:n_batch + node.n_in])
+  d_out = math.prod(node.shape[n_batch + node.n_in:])
+  used = set(lc) | set(lb)
+  n_tokens = math.prod(d for i, d in enumerate(x.shape) if i not in used)
+  return d_in * d_out <= n_tokens * (d_in + d_out)
+
+
+def _merged_kernel(w, a, b, scale, n_in, dtype):
+  return (w + _delta(a, b, scale, n_in).astype(w.dtype)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type):
+  """``dot_general(x, w + scale*A@B, dims)``: one big matmul instead of three.
+
+  Custom backward pass: ``dx = g @ W'^T`` with ``W' = w + s*A@B`` recomputed (never saved),
+  ``dB = s*(x@A)^T g`` and ``dA = x^T (s*g@B^T)``: no ``[d_in, d_out]`` weight gradient and no
+  activation-sized LoRA intermediates; ``dw = x^T g`` only when ``w`` itself is differentiated.
+  Being a ``custom_vjp``, it supports reverse mode (and ``vmap`` of it) but not forward mode:
+  use ``matmul="factored"`` for ``jvp``/``jacfwd``/Hessians.
+  """
+  return lax.dot_general(x, _merged_kernel(w, a, b, scale, n_in, x.dtype), dims,
+                         precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _merged_dot_fwd(x, w, a, b, scale, n_in, dims, precision, preferred_element_type):
+  xv, wv, av, bv = x.value, w.value, a.value, b.value
+  y = _merged_dot(xv, wv, av, bv, scale, n_in, dims, precision, preferred_element_type)
+  (lc, rc), (lb, rb) = dims
+  t = lax.dot_general(xv, av, ((lc, rc), (lb, rb)), precision=precision,
+                      preferred_element_type=preferred_element_type)
+  # Which inputs need a cotangent rides along as present-or-None residuals.
+  return y, (xv, wv, av, bv, t, True if x.perturbed else None, True if w.perturbed else None,
+             True if (a.perturbed or b.perturbed) else None)
+
+
+def _merged_dot_bwd(scale, n_in, dims, precision, preferred_element_type, res, g):
+  x, w, a, b, t, x_perturbed, w_perturbed, ab_perturbed = res
+  if isinstance(g, SymbolicZero):
+    return None, None, None, None
+  (lc, rc), (lb, rb) = dims
+  nb, n_lb = len(rb), len(lb)
+  dot = functools.partial(lax.dot_general, precision=precision,
+                          preferred_element_type=preferred_element_type)
+  tr = lambda f, like, ct: jax.linear_transpose(
+      f, jax.ShapeDtypeStruct(like.shape, x.dtype))(ct)[0]
+  dx = dw = da = db = None
+  if x_perturbed is not None:
+    wm = _merged_kernel(w, a, b, scale, n_in, x.dtype)
+    dx = tr(lambda x_: dot(x_, wm, dims), x, g).astype(x.dtype)
+  if w_perturbed is not None:
+    dw = tr(lambda w_: dot(x, w_, dims), w, g).astype(w.dtype)
+  if ab_perturbed is not None:
+    dims_a = ((lc, rc), (lb, rb))
+    dims_b = (((t.ndim - 1,), (nb,)), (tuple(range(n_lb)), tuple(rb)))
+    gs = g * jnp.asarray(scale, g.dtype)
+    db = tr(lambda b_: dot(t, b_, dims_b), b, gs).astype(b.dtype)
+    dt = jax.linear_transpose(lambda t_: dot(t_, b.astype(x.dtype), dims_b),
+                              jax.ShapeDtypeStruct(t.shape, t.dtype))(gs)[0]
+    da = tr(lambda a_: dot(x, a_, dims_a), a, dt).astype(a.dtype)
+  return dx, dw, da, db
+
+
+_merged_dot.defvjp(_merged_dot_fwd, _merged_dot_bwd, symbolic_zeros=True)
 
 
 # -- layout -----------------------------------------------------------------------------------
@@ -184,7 +282,7 @@ def _init_a(init, key, shape, fan_in, rank, dtype):
 
 def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, key=None,
           dropout: float = 0.0, init: Any = "kaiming", rslora: bool = False, dtype=None,
-          layout: Callable[[str, tuple], tuple[int, int]] | None = None):
+          layout: Callable[[str, tuple], tuple[int, int]] | None = None, matmul: str = "auto"):
   """Rewrites the target kernels of ``params`` into :class:`LoraWeight` nodes.
 
   Args:
@@ -202,6 +300,7 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     rslora: scale ``alpha / sqrt(r)`` (Kalajdzievski, 2023) instead of ``alpha / r``.
     dtype: dtype of ``A`` and ``B``; defaults to the kernel's dtype (float32 for quantized bases).
     layout: ``(path, shape) -> (n_batch, n_in)``; defaults to :func:`default_layout`.
+    matmul: ``"auto"``, ``"factored"`` or ``"merged"``: see :class:`LoraWeight`.
 
   Returns:
     The same tree with target kernels replaced by :class:`LoraWeight` nodes.
@@ -223,6 +322,8 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     raise ValueError(f"alpha must be a finite number, got {alpha!r}")
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+  if matmul not in ("auto", "factored", "merged"):
+    raise ValueError(f"matmul must be 'auto', 'factored' or 'merged', got {matmul!r}")
   scale = alpha / math.sqrt(rank) if rslora else alpha / rank
   key = jax.random.key(0) if key is None else key
   if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -262,7 +363,7 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     a = jnp.stack([_init_a(init, kk, (*in_shape, rank), fan_in, rank, adt) for kk in ks])
     a = a.reshape(*bshape, *in_shape, rank)
     b = jnp.zeros((*bshape, rank, *out_shape), adt)
-    return LoraWeight(w=w, a=a, b=b, scale=scale, n_in=n_in, dropout=dropout)
+    return LoraWeight(w=w, a=a, b=b, scale=scale, n_in=n_in, dropout=dropout, matmul=matmul)
 
   return targeting.map_selected(rewrite, params, {p for p, _ in chosen})
 

@@ -62,10 +62,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("matmul", ["factored", "merged"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_lift_matches_merge_forward_and_grad(case):
+def test_lift_matches_merge_forward_and_grad(case, matmul):
   params, fn = CASES[case]()
-  tuned = peftjax.lora.apply(params, rank=4, key=jax.random.key(7))
+  tuned = peftjax.lora.apply(params, rank=4, key=jax.random.key(7), matmul=matmul)
   lifted = peftjax.lift(fn)
   base = fn(params, TOK)
   # Identity at init (B = 0).
@@ -90,15 +91,33 @@ def test_lift_matches_merge_forward_and_grad(case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_lift_never_materializes_targets(case):
-  """The lifted jaxpr runs every target factored (x@W + s*(x@A)@B)."""
+def test_lift_matmul_forms(case):
+  """factored: every target runs x@W + s*(x@A)@B (two extra dots, no A@B); merged: one custom
+  matmul per target; auto: factored for a single token, merged for a training batch."""
   params, fn = CASES[case]()
-  tuned = peftjax.lora.apply(params, rank=4)
-  n_nodes = sum(1 for x in jax.tree.leaves(tuned, is_leaf=peftjax.is_node) if peftjax.is_node(x))
-  jaxpr_lift = str(jax.make_jaxpr(peftjax.lift(fn))(tuned, TOK))
+  n_nodes = sum(1 for x in jax.tree.leaves(peftjax.lora.apply(params, rank=4),
+                                           is_leaf=peftjax.is_node) if peftjax.is_node(x))
   jaxpr_base = str(jax.make_jaxpr(fn)(params, TOK))
-  # Each node adds exactly its two low-rank dots: no delta A@B is ever formed.
-  assert jaxpr_lift.count("dot_general") == jaxpr_base.count("dot_general") + 2 * n_nodes
+  jaxpr = lambda mode, tok: str(jax.make_jaxpr(peftjax.lift(fn))(
+      peftjax.lora.apply(params, rank=4, matmul=mode), tok))
+  factored = jaxpr("factored", TOK)
+  assert factored.count("dot_general") == jaxpr_base.count("dot_general") + 2 * n_nodes
+  assert "custom_vjp_call" not in factored
+  assert jaxpr("merged", TOK).count("custom_vjp_call") == n_nodes
+  assert "custom_vjp_call" not in jaxpr("auto", TOK[:1, :1])
+  assert jaxpr("auto", jnp.zeros((8, 64), jnp.int32)).count("custom_vjp_call") == n_nodes
+
+
+def test_merged_matmul_gradient_wrt_frozen_base_is_exact():
+  """Differentiating the whole tree (w included) through the merged rule gives dw = x^T g."""
+  node = _node(shape=(6, 5)).replace(matmul="merged")
+  x = jax.random.normal(jax.random.key(5), (3, 6))
+  f = lambda n: jnp.sum(jnp.sin(peftjax.lift(lambda w, x: x @ w)(n, x)))
+  g = jax.grad(f)(node)
+  g_ref = jax.grad(lambda w, a, b: jnp.sum(jnp.sin(x @ node.replace(w=w, a=a, b=b).materialize())),
+                   argnums=(0, 1, 2))(node.w, node.a, node.b)
+  for got, want in zip((g.w, g.a, g.b), g_ref):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_model_with_f32_adapters():
@@ -221,10 +240,13 @@ def _cgm_bwd(res, g):
 _clip_grad_matmul.defvjp(_cgm_fwd, _cgm_bwd)
 
 
+@pytest.mark.parametrize("matmul", ["factored", "merged"])
 @pytest.mark.parametrize("name", list(FNS))
-def test_primitive_rules(name):
+def test_primitive_rules(name, matmul):
   fn = FNS[name]
-  node = _node()
+  if name == "while" and matmul == "merged":
+    pytest.skip("forward-mode AD (needed for while loops) requires matmul='factored'")
+  node = _node().replace(matmul=matmul)
   x = jax.random.normal(jax.random.key(5), (3, 6))
   tol = 0.05 if "bf16" in name else 1e-4
   want = fn(node.materialize(), x)
