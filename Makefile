@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo quickstart test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/peftjax train --model minilm --method lora --data rotten_tomatoes --steps 200
+
+quickstart: $(STAMP)
 	$(PY) experiments/quickstart.py
 
 test: $(STAMP)

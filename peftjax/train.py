@@ -211,6 +211,8 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
   tx = make_optimizer(config, params)
   trainable, frozen = split(params)
   if state is None:
+    # The step donates its state; copy so the caller's arrays (shared with other trees) survive.
+    trainable = jax.tree.map(jnp.copy, trainable)
     state = TrainState(jnp.asarray(0, jnp.int32), trainable, tx.init(trainable),
                        jax.random.key(config.seed))
   step_fn = jax.jit(make_train_step(loss_fn, tx, config.grad_accum), donate_argnums=(0,))
