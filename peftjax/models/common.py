@@ -2,17 +2,18 @@
 
 Everything here is a pure function of arrays (or a tiny Flax module), written so that
 
-* every projection is an ``nn.Dense`` with a 2-D ``[in, out]`` kernel, which reaches ``lax.dot_general``
-  unchanged -- the primitive :func:`peftjax.lift` intercepts for LoRA/QLoRA/adapter nodes;
+* every projection is an ``nn.Dense`` with a 2-D ``[in, out]`` kernel, which reaches
+  ``lax.dot_general`` unchanged -- the primitive :func:`peftjax.lift` intercepts for
+  LoRA/QLoRA/adapter nodes;
 * norms and softmax compute in float32 whatever the compute dtype (as Hugging Face does), so bf16
   compute stays stable;
-* masks are boolean ``[batch, queries, keys]`` arrays built once per forward and shared by all layers.
+* masks are boolean ``[batch, queries, keys]`` arrays built once per forward, shared by all layers.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,8 @@ __all__ = [
     "constrain",
     "layer_stack",
     "ACTIVATIONS",
+    "TensorSpec",
+    "Embed",
 ]
 
 
@@ -111,7 +114,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -
 
 
 def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
-  """``cos, sin`` of shape ``[batch, seq, head_dim]`` (float32) for integer ``positions [batch, seq]``."""
+  """``cos, sin`` ``[batch, seq, head_dim]`` (float32) for integer ``positions [batch, seq]``."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
@@ -202,8 +205,8 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
   """``with_sharding_constraint`` by logical axis names, under the mesh set by ``jax.set_mesh``.
 
   Without a mesh in context (the usual single-device case) this returns ``x`` unchanged. Logical
-  names map to mesh axes through :data:`peftjax.models.sharding.DEFAULT_RULES` (or the rules set with
-  :func:`peftjax.models.sharding.axis_rules`); axes that do not divide the dimension are left
+  names map to mesh axes through :data:`peftjax.models.sharding.DEFAULT_RULES` (or the rules set
+  with :func:`peftjax.models.sharding.axis_rules`); axes that do not divide the dimension are left
   unsharded. Meshes whose axes are ``Explicit`` are left to JAX's own sharding-in-types.
   """
   mesh = jax.sharding.get_abstract_mesh()
@@ -249,7 +252,8 @@ def layer_stack(block_cls, *, num_layers: int, scan: bool, remat: Any, block_kwa
   if remat:
     cls = nn.remat(cls, policy=remat_policy(remat), prevent_cse=not scan)
   if scan:
-    scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    scanned = nn.scan(cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast), out_axes=0, length=num_layers)
     return scanned(**block_kwargs, name=name_prefix)(x, xs, ctx)
   ys = []
@@ -260,3 +264,42 @@ def layer_stack(block_cls, *, num_layers: int, scan: bool, remat: Any, block_kwa
   if all(y is None for y in ys):
     return x, None
   return x, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint layout: which Hugging Face tensor fills which parameter
+# ------------------------------------------------------------------------------------------------
+
+class TensorSpec(NamedTuple):
+  """One parameter of a reference model and the Hugging Face tensor it comes from.
+
+  Attributes:
+    path: parameter path; for ``layer`` entries it is relative to the layer (``layers_i`` or the
+      scanned ``layers`` subtree).
+    hf_name: tensor name in the checkpoint; ``{p}`` stands for the base-model prefix (``model.``,
+      ``bert.``, ...), ``{i}`` for the layer index.
+    kind: ``"linear"`` (HF ``[out, in]`` weight, transposed to an ``[in, out]`` kernel) or
+      ``"copy"``.
+    layer: one tensor per layer (stacked on axis 0 under scan).
+    head: a task head that may be initialized when the checkpoint lacks it.
+  """
+  path: tuple
+  hf_name: str
+  kind: str = "copy"
+  layer: bool = False
+  head: bool = False
+
+
+class Embed(nn.Embed):
+  """``nn.Embed`` whose table is gathered whole before the lookup under a mesh.
+
+  Parameters are unchanged (``embedding [num_embeddings, features]``). Under ``jax.set_mesh`` the
+  table is constrained to be replicated at the lookup (the FSDP all-gather; its gradient becomes a
+  reduce-scatter), which lets XLA produce batch-sharded embeddings without replicating them first.
+  """
+
+  def __call__(self, inputs: Array) -> Array:
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError(f"token ids must be integers, got {inputs.dtype}")
+    table = constrain(jnp.asarray(self.embedding, self.dtype), (None, None))
+    return jnp.take(table, inputs, axis=0)

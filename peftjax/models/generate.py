@@ -1,0 +1,199 @@
+"""Jitted KV-cache generation for :class:`peftjax.models.LlamaForCausalLM`.
+
+One compiled program per (model, shapes, sampling settings): the prompt is run once (prefill) into a
+cache of ``prompt_len + max_new_tokens`` slots, then a ``lax.while_loop`` feeds one token per step
+until every row has produced a stop token or ``max_new_tokens`` tokens. Prompts of different lengths
+are batched with padding (left padding is usual; any padding works because positions come from the
+mask and the first token is sampled at each row's last real token).
+
+Parameters may contain peftjax nodes (LoRA, QLoRA, adapters): they are detected and the model is
+run through :func:`peftjax.lift`, or pass your own ``apply_fn``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from peftjax.models.llama import LlamaForCausalLM, init_cache
+
+Array = jax.Array
+
+__all__ = ["generate", "GenerateOutput", "sample_logits"]
+
+
+class GenerateOutput(NamedTuple):
+  """Result of :func:`generate`.
+
+  Attributes:
+    tokens: int32 ``[batch, max_new_tokens]``: generated tokens; after a row's stop token (which is
+      included) the row holds ``pad_token_id``.
+    lengths: int32 ``[batch]``: number of generated tokens per row, stop token included.
+  """
+  tokens: Array
+  lengths: Array
+
+
+def sample_logits(logits: Array, key: Optional[Array], temperature: float | Array = 0.0,
+                  top_p: float | Array = 1.0, top_k: int = 0) -> Array:
+  """Next tokens ``[batch]`` from ``logits [batch, vocab]``.
+
+  ``temperature == 0`` (a Python number) is greedy (argmax). Otherwise sample from
+  ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens (if
+  ``top_k > 0``; static) and to the smallest set whose probability reaches ``top_p`` (nucleus; the
+  most likely token is always kept). ``temperature`` and ``top_p`` may be traced values, so changing
+  them does not recompile.
+  """
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k and top_k < logits.shape[-1]:
+    kth = lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    drop_sorted = (before >= top_p) & (top_p < 1.0)
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        drop_sorted)
+    logits = jnp.where(drop, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _has_nodes(params) -> bool:
+  try:
+    from peftjax._src.nodes import is_node
+  except ImportError:  # pragma: no cover
+    return False
+  return any(is_node(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_node))
+
+
+@functools.lru_cache(maxsize=32)
+def _lifted_apply(model):
+  """``peftjax.lift(model.apply)``, one per model, so repeated calls reuse the compiled program."""
+  import peftjax
+  return peftjax.lift(model.apply)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "config", "max_new_tokens", "greedy",
+                                             "nucleus", "top_k", "stop_tokens", "pad_token_id",
+                                             "cache_dtype"))
+def _generate(params, input_ids, attention_mask, key, prefix, temperature, top_p, *, apply_fn,
+              config, max_new_tokens, greedy, nucleus, top_k, stop_tokens, pad_token_id,
+              cache_dtype):
+  b, t0 = input_ids.shape
+  total = t0 + max_new_tokens
+  cache = init_cache(config, b, total, cache_dtype)
+  mask = jnp.concatenate([attention_mask.astype(jnp.int32),
+                          jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
+  last = jnp.maximum(t0 - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1), 0)
+  kw = {} if prefix is None else {"prefix": prefix}
+  logits, cache = apply_fn({"params": params}, input_ids, attention_mask=mask, cache=cache,
+                           logits_index=last, **kw)
+  stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+
+  def pick(logits, i):
+    if greedy:
+      return sample_logits(logits[:, -1], None, 0.0)
+    return sample_logits(logits[:, -1], jax.random.fold_in(key, i), temperature,
+                         top_p if nucleus else 1.0, top_k)
+
+  tok = pick(logits, 0)
+  out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tok)
+  done = jnp.isin(tok, stops)
+  lengths = jnp.ones((b,), jnp.int32)
+
+  def cond(state):
+    i, _, _, _, done, _ = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    i, tok, cache, out, done, lengths = state
+    logits, cache = apply_fn({"params": params}, tok[:, None], attention_mask=mask, cache=cache,
+                             **kw)
+    new = pick(logits, i)
+    new = jnp.where(done, pad_token_id, new)
+    out = out.at[:, i].set(new)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(new, stops)
+    return i + 1, new, cache, out, done, lengths
+
+  state = (jnp.asarray(1, jnp.int32), tok, cache, out, done, lengths)
+  _, _, _, out, _, lengths = lax.while_loop(cond, body, state)
+  return GenerateOutput(out, lengths)
+
+
+def generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
+             attention_mask: Optional[Array] = None, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             stop_tokens: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None,
+             key: Optional[Array] = None, prefix: Optional[Array] = None,
+             apply_fn: Optional[Callable] = None, cache_dtype: Any = None) -> GenerateOutput:
+  """Generates up to ``max_new_tokens`` tokens per prompt with a KV cache (jitted).
+
+  Args:
+    model: the decoder.
+    params: its parameters (the inner tree, without ``{"params": ...}``); may hold peftjax nodes.
+    input_ids: int ``[batch, prompt_len]``, padded (left padding recommended).
+    attention_mask: ``[batch, prompt_len]``, 1 real / 0 padding (default all ones).
+    max_new_tokens: tokens to generate per row.
+    temperature: 0 for greedy decoding, else sampling temperature (``key`` required).
+    top_p: nucleus sampling mass (1.0 = off).
+    top_k: keep only the ``top_k`` most likely tokens (0 = off).
+    stop_tokens: token ids ending a row (default: the config's ``eos_token_id``); ``()`` for none.
+    pad_token_id: fills rows after their stop token (default: config's pad, else 0).
+    key: PRNG key for sampling.
+    prefix: per-layer prefix keys/values, as for the model.
+    apply_fn: what to call instead of ``model.apply`` (e.g. ``peftjax.lift(model.apply)``);
+      default ``model.apply``, or ``peftjax.lift(model.apply)`` if ``params`` holds nodes.
+    cache_dtype: dtype of the KV cache (default: the model's compute dtype).
+
+  Returns:
+    :class:`GenerateOutput` ``(tokens [batch, max_new_tokens], lengths [batch])``.
+
+  Example:
+    >>> out = generate(model, params, ids, mask, max_new_tokens=20)       # doctest: +SKIP
+    >>> tokenizer.batch_decode(out.tokens, skip_special_tokens=True)      # doctest: +SKIP
+  """
+  if not isinstance(model, LlamaForCausalLM):
+    raise TypeError(f"generate needs a LlamaForCausalLM, got {type(model).__name__}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(...)")
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, prompt_len], got shape {input_ids.shape}")
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  attention_mask = jnp.asarray(attention_mask, jnp.int32)
+  if attention_mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                     f"{input_ids.shape}")
+  cfg = model.config
+  if stop_tokens is None:
+    stop_tokens = cfg.stop_token_ids
+  stop_tokens = tuple(int(s) for s in stop_tokens)
+  if pad_token_id is None:
+    pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  if apply_fn is None:
+    apply_fn = model.apply
+    if _has_nodes(params):
+      apply_fn = _lifted_apply(model)
+  greedy = temperature == 0
+  return _generate(params, input_ids, attention_mask, None if greedy else key, prefix,
+                   jnp.float32(temperature), jnp.float32(top_p), apply_fn=apply_fn, config=cfg,
+                   max_new_tokens=int(max_new_tokens), greedy=greedy, nucleus=top_p < 1.0,
+                   top_k=int(top_k), stop_tokens=stop_tokens, pad_token_id=int(pad_token_id),
+                   cache_dtype=jnp.dtype(cache_dtype or model.dtype))
