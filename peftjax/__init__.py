@@ -1,5 +1,11 @@
 """peftjax: parameter-efficient fine-tuning for JAX, as pure transforms over parameter pytrees.
 
+Methods are modules with an ``apply(params, ...)`` that rewrites the tree:
+``peftjax.lora``, ``qlora``, ``quant`` (reparameterization); ``adapters``, ``ia3``, ``prompt``,
+``prefix``, ``ptuning`` (additive); ``bitfit``, ``partial``, ``diff_pruning``, ``auto``
+(selective); ``compose`` combines them. ``lift`` runs any JAX function on the rewritten tree;
+``split``/``combine``/``optimizer``/``trainable_mask`` partition it; ``merge`` folds it back.
+
 >>> import jax, jax.numpy as jnp, optax, peftjax
 >>> params = {"mlp": {"up": {"kernel": jnp.ones((8, 8))}}}
 >>> tuned = peftjax.lora.apply(params, rank=2)
@@ -7,6 +13,8 @@
 >>> forward(tuned, jnp.ones((1, 8))).shape
 (1, 8)
 """
+
+import importlib
 
 from peftjax import lora
 from peftjax._src.lift import lift
@@ -16,16 +24,16 @@ from peftjax._src.partition import (Summary, combine, merge, optimizer, split, s
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "lora",
-    "lift",
-    "merge",
-    "split",
-    "combine",
-    "optimizer",
-    "trainable_mask",
-    "summary",
-    "Summary",
-    "Node",
-    "is_node",
-]
+# Submodules imported on first attribute access, so `import peftjax` stays light.
+_SUBMODULES = ("qlora", "quant", "adapters", "ia3", "prompt", "prefix", "ptuning", "bitfit",
+               "partial", "diff_pruning", "auto", "compose", "models", "io", "train", "data",
+               "tasks", "testing", "cli")
+
+__all__ = ["lora", *_SUBMODULES, "lift", "merge", "split", "combine", "optimizer",
+           "trainable_mask", "summary", "Summary", "Node", "is_node"]
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"peftjax.{name}")
+  raise AttributeError(f"module 'peftjax' has no attribute {name!r}")
