@@ -9,13 +9,15 @@ format     element value                                                storage 
 =========  ===========================================================  ================================
 ``nf4``    ``NF4[code] * absmax`` (NormalFloat, QLoRA paper / bnb)      4 bits (two codes per ``uint8``)
 ``fp4``    ``FP4[code] * absmax`` (bitsandbytes' FP4, e2m1 + bias)      4 bits
-``int4``   ``(code - 8) * s`` (symmetric, ``s = absmax / 7``) or        4 bits
-           ``(code - z) * s`` (asymmetric, ``s = (max - min) / 15``,
-           ``z`` = 8-bit zero point per block, GPTQ style)
-``int8``   ``q * s``, ``s = absmax / 127``, ``q`` in ``[-127, 127]``       8 bits (``int8``)
+``int4``   ``(code - 8) * s`` (symmetric, ``s = absmax * f32(1/7)``) or 4 bits
+           ``(code - z) * s`` (asymmetric, ``s = (max - min) * f32(1/15)``
+           with ``min <= 0 <= max``, ``z`` = 8-bit zero point per block,
+           GPTQ style)
+``int8``   ``q * s``, ``s = absmax * f32(1/127)``, ``q`` in [-127, 127]   8 bits (``int8``)
 =========  ===========================================================  ================================
 
-Rounding rule of the codebook formats (``nf4``, ``fp4`` and the 8-bit dynamic map of double
+Values are normalized as ``x * float32(1 / scale)`` (bitsandbytes' order); int formats then round
+half to even. Rounding rule of the codebook formats (``nf4``, ``fp4`` and the 8-bit dynamic map of double
 quantization): the *nearest* codebook value, ties going to the smaller value. It is implemented with
 thresholds: ``code = #{i : t_i < v}`` where ``t_i`` is the exact midpoint of neighbouring codebook
 values rounded *down* to float32. For a float32 ``v`` this is exactly "nearest, ties down" (no

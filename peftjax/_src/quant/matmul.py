@@ -27,6 +27,7 @@ def _wt(q: core.QuantizedWeight) -> jax.Array:
   return core.dequantize_t(q)[..., :q.in_features].astype(q.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("precision", "preferred_element_type"))
 def qmatmul_xla(x, q, *, precision=None, preferred_element_type=None):
   """Reference path: ``x [*S, M, K] @ deq(q) [*S, K, N] -> [*S, M, N]`` via XLA."""
   ns = x.ndim - 2
@@ -35,6 +36,7 @@ def qmatmul_xla(x, q, *, precision=None, preferred_element_type=None):
                          preferred_element_type=preferred_element_type)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def _xla_dx(g, q, x_dtype, precision):
   ns = g.ndim - 2
   dims = (((ns + 1,), (ns,)), (tuple(range(ns)), tuple(range(ns))))
@@ -50,6 +52,9 @@ def resolve_kernel(q: core.QuantizedWeight, m: int) -> str:
       return "pallas"
     return "xla"
   why = pk.supported(q, m)
+  if why is None and q.kernel == "pallas" and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+    why = (f"the compiled kernel targets the Triton GPU backend, not {jax.default_backend()!r} "
+           f"(kernel='interpret' runs it anywhere, slowly)")
   if why is not None:
     raise ValueError(f"QuantizedWeight(kernel={q.kernel!r}): the Pallas kernel cannot run this "
                      f"product: {why}. Use kernel='auto' or 'xla'.")

@@ -25,7 +25,6 @@ product cannot use the kernel; the caller then uses XLA. On CPU the kernels run 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
