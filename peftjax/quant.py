@@ -66,7 +66,8 @@ def quantize(params, *, format: str = "nf4", block_size: int | None = 64,
     symmetric: ``int4`` only.
     layout: ``(path, shape) -> (n_batch, n_in)`` (layer axes, input axes); default
       :func:`peftjax.lora.default_layout`. Layer-stacked kernels are quantized per layer.
-    kernel: matmul implementation: ``"auto"`` (Pallas on GPU, XLA elsewhere), ``"xla"``,
+    kernel: matmul implementation: ``"auto"`` (XLA: the Pallas kernel measured slower on an
+      H200), ``"xla"``,
       ``"pallas"`` or ``"interpret"``.
 
   Returns:

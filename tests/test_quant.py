@@ -528,7 +528,7 @@ def _fake_node(k, n, block, kernel="auto", fmt="nf4"):
 def test_kernel_selection():
   q = _fake_node(64, 40, 64)
   assert q.shape == (64, 40)
-  assert matmul.resolve_kernel(q, 8) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+  assert matmul.resolve_kernel(q, 8) == "xla"  # auto = XLA (measured faster on an H200)
   assert matmul.resolve_kernel(q.replace(kernel="xla"), 8) == "xla"
   odd = _fake_node(64, 40, 24, kernel="interpret")   # B/2 = 12: not a power of 2
   assert "power of two" in pk.supported(odd, 8)

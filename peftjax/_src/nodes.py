@@ -21,6 +21,7 @@ compute on nested nodes through :func:`dot_general` and :func:`materialize` agai
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Sequence
 
 import jax
@@ -96,6 +97,20 @@ class Node:
 
     return self.replace(**{f: jax.tree_util.tree_map(cast, getattr(self, f), is_leaf=is_node)
                            for f in self.data_fields()})
+
+  def param_count(self) -> int:
+    """Parameters this node holds, for :func:`peftjax.summary`: by default every stored element
+    of its array fields (nested nodes count their own way). Quantized storage overrides it with
+    the number of values it stands for."""
+    total = 0
+    for name in self.data_fields():
+      for leaf in jax.tree_util.tree_leaves(getattr(self, name), is_leaf=is_node):
+        if is_node(leaf):
+          total += leaf.param_count()
+        elif hasattr(leaf, "shape") and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) \
+            and jnp.issubdtype(leaf.dtype, jnp.inexact):
+          total += math.prod(leaf.shape)
+    return total
 
   # -- helpers ---------------------------------------------------------------------------------
   @classmethod

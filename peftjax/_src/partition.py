@@ -217,8 +217,9 @@ def _nbytes(x) -> int:
 def summary(tree) -> Summary:
   """Counts trainable and total parameters (and bytes) of ``tree``; ``print`` it for a table.
 
-  Parameters of a node count once per stored element (a LoRA node's total is ``w + a + b``; a
-  quantized node's bytes are its packed bytes). Typed PRNG keys and non-array leaves are skipped.
+  A node's total is :meth:`Node.param_count` (a LoRA node: ``w + a + b``; a quantized kernel:
+  the values it stands for, while its bytes are the packed bytes). Integer bookkeeping arrays
+  (indices, PRNG key data) are not parameters; typed PRNG keys and non-array leaves are skipped.
 
   >>> import jax.numpy as jnp, peftjax
   >>> s = peftjax.summary(peftjax.lora.apply({"d": {"kernel": jnp.ones((8, 8))}}, rank=2))
@@ -234,8 +235,8 @@ def summary(tree) -> Summary:
               and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
     if not arrays:
       continue
-    total = sum(int(np.prod(x.shape)) for x, _ in arrays)
     train = sum(int(np.prod(x.shape)) for x, m in arrays if m)
+    total = leaf.param_count() if is_node(leaf) else sum(int(np.prod(x.shape)) for x, _ in arrays)
     nbytes = sum(_nbytes(x) for x, _ in arrays)
     kind = type(leaf).__name__ if is_node(leaf) else jnp.dtype(leaf.dtype).name
     rows.append((path_str(path), kind, tuple(leaf.shape), train, total, nbytes))

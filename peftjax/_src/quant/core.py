@@ -43,7 +43,8 @@ __all__ = ["QuantizedWeight", "quantize_array", "dequantize_t", "dequantize_scal
            "KERNELS"]
 
 #: Values of ``QuantizedWeight.kernel``: which matmul implementation the node's rule uses.
-#: ``"auto"``: the Pallas kernel on GPU when the shapes allow it, XLA otherwise;
+#: ``"auto"``: XLA (measured faster than the untuned Pallas kernel on an H200, see
+#: docs/measurements/h200-machine_gpu_quant_matmul.txt);
 #: ``"xla"``: dequantize with XLA then ``dot_general``; ``"pallas"``: the Pallas kernel (compiled);
 #: ``"interpret"``: the Pallas kernel in interpret mode (CPU testing).
 KERNELS = ("auto", "xla", "pallas", "interpret")
@@ -89,6 +90,10 @@ class QuantizedWeight(Node):
   wrappable = True
 
   # -- the array it stands for -------------------------------------------------------------------
+  def param_count(self) -> int:
+    """The number of values this kernel stands for (its storage is counted in bytes)."""
+    return math.prod(self.shape)
+
   @property
   def stack_shape(self) -> tuple[int, ...]:
     """The layer axes ``S`` (empty for an ordinary kernel)."""
