@@ -122,8 +122,11 @@ def _with_head(tree, task):
   """Makes the task's classification head train too (HF PEFT's ``modules_to_save``)."""
   if task.head_targets is None:
     return tree
+  import re
   from peftjax import partial
-  return partial.apply(tree, targets=task.head_targets)
+  head = re.compile(task.head_targets)
+  # Leaves a method already made trainable (BitFit's head bias, say) stay as they are.
+  return partial.apply(tree, targets=lambda p, x: bool(head.fullmatch(p)) and not peftjax.is_node(x))
 
 
 def cmd_train(a) -> dict:
