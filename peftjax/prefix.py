@@ -53,6 +53,8 @@ class PrefixMLP(Node):
     layers, kv_heads, head_dim: the model's attention layout.
   """
 
+  scan_slices_leaves = False  # its leaves are MLP weights, not per-layer slices
+
   embedding: jax.Array
   w1: jax.Array
   b1: jax.Array

@@ -313,3 +313,34 @@ def test_lift_inside_jit_with_closure_over_tracer():
 
   for s in (1.0, 2.0):
     np.testing.assert_allclose(step(tuned, TOK, s), fn(peftjax.merge(tuned), TOK) * s, atol=1e-5)
+
+
+def test_scan_materializes_nodes_whose_leaves_are_not_stacked():
+  """A node standing for a [L, d] array but storing a [d] vector (leaves not stacked) must be
+  materialized before lax.scan slices it."""
+  from peftjax._src.nodes import Node, node_dataclass, static_field
+
+  @node_dataclass
+  class Tiled(Node):
+    v: jax.Array
+    n: int = static_field(default=3)
+    scan_slices_leaves = False
+    trainable_fields = ("v",)
+
+    @property
+    def shape(self):
+      return (self.n, *self.v.shape)
+
+    @property
+    def dtype(self):
+      return self.v.dtype
+
+    def materialize(self):
+      return jnp.broadcast_to(self.v, self.shape) * jnp.arange(1, self.n + 1)[:, None]
+
+  node = Tiled(v=jnp.arange(4.0))
+  fn = lambda t, x: lax.scan(lambda c, row: (c + row, c * row), x, t)
+  got = peftjax.lift(fn)(node, jnp.ones(4))
+  want = fn(node.materialize(), jnp.ones(4))
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b)

@@ -131,6 +131,7 @@ def _scan_rule(eqn, invals, env):
   nc, ncarry = p["num_consts"], p["num_carry"]
   consts, carry, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
   carry = [env.materialize(c) for c in carry]  # the carry's type must be stable: plain arrays
+  xs = [env.materialize(x) if is_node(x) and not type(x).scan_slices_leaves else x for x in xs]
   body = p["jaxpr"]
 
   def step(carry, x):

@@ -51,6 +51,11 @@ class Node:
   trainable_fields: ClassVar[tuple[str, ...]] = ()
   #: Whether a reparameterization (LoRA) may wrap this node as its frozen base.
   wrappable: ClassVar[bool] = False
+  #: Whether every array leaf carries the node's leading axis, so that slicing all leaves on axis
+  #: 0 (what ``lax.scan`` does to ``xs``) yields the node of one slice. Nodes whose leaves do not
+  #: (e.g. an MLP that *produces* a stacked array) set this False; ``lift`` then materializes
+  #: them before a scan slices them.
+  scan_slices_leaves: ClassVar[bool] = True
 
   # -- the array this node stands for ---------------------------------------------------------
   @property
