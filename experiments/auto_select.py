@@ -138,6 +138,7 @@ def main(argv=None):
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--task", choices=("mlp", "minilm"), default="mlp")
   ap.add_argument("--seeds", type=int, default=3)
+  ap.add_argument("--first-seed", type=int, default=0)
   ap.add_argument("--budget", type=int, default=None, help="trainable parameters (mlp: 256)")
   ap.add_argument("--units", default=None, help="comma list of element,row,leaf")
   ap.add_argument("--kinds", default="fisher", help="comma list of fisher,grad_weight")
@@ -153,11 +154,12 @@ def main(argv=None):
   for kind in args.kinds.split(","):
     for unit in units:
       t0 = time.time()
-      runs = [run(seed, budget, unit, kind, steps) for seed in range(args.seeds)]
+      seeds = range(args.first_seed, args.first_seed + args.seeds)
+      runs = [run(seed, budget, unit, kind, steps) for seed in seeds]
       mean = {k: np.mean([r[k][:2] for r in runs], axis=0).tolist() for k in ("base", "auto", "random")}
       results.append({"task": args.task, "kind": kind, "unit": unit, "budget": budget,
-                      "steps": steps, "runs": runs, "mean": mean})
-      for s, r in enumerate(runs):
+                      "steps": steps, "seeds": list(seeds), "runs": runs, "mean": mean})
+      for s, r in zip(seeds, runs):
         print(f"  seed {s}: base acc {r['base'][1]:.3f} | auto loss {r['auto'][0]:.3f} acc "
               f"{r['auto'][1]:.3f} ({r['auto'][2]} params) | random loss {r['random'][0]:.3f} "
               f"acc {r['random'][1]:.3f} ({r['random'][2]} params)")

@@ -282,6 +282,9 @@ def project(tree, k: int | None = None, *, density: float | None = None):
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= total:
     raise ValueError(f"k must be an integer in [1, {total}] (the number of gated entries), "
                      f"got {k!r}")
+  for p, x in nodes:
+    if math.prod(x.shape) >= 2**31:
+      raise ValueError(f"{p} has {math.prod(x.shape)} entries: int32 indices cannot address it")
   effs = [np.asarray(jax.device_get(x.replace(key=None).effective_delta()), np.float32).ravel()
           for _, x in nodes]
   keep = _select_top(np.abs(np.concatenate(effs)), int(k))
@@ -292,8 +295,6 @@ def project(tree, k: int | None = None, *, density: float | None = None):
     if idx.size == 0:
       new[p] = x.w
       continue
-    if x.w.size >= 2**31:
-      raise ValueError(f"{p} has {x.w.size} entries: int32 indices cannot address it")
     new[p] = SparseDelta(w=x.w, indices=jnp.asarray(idx.astype(np.int32)),
                          values=jnp.asarray(eff[idx].astype(x.delta.dtype)))
   return targeting.map_selected(lambda p, x: new[p], tree, set(new))

@@ -178,6 +178,11 @@ def test_bias_already_rewritten_names_path():
     peftjax.bitfit.apply(peftjax.bitfit.apply(params))
 
 
+def test_bias_that_is_not_an_array():
+  with pytest.raises(TypeError, match=r"bitfit: d/bias is not an array: float 0.5"):
+    peftjax.bitfit.apply({"d": {"bias": 0.5}})
+
+
 def test_integer_bias():
   with pytest.raises(TypeError, match=r"bitfit: d/bias is not a floating array \(int32\[2\]\)"):
     peftjax.bitfit.apply({"d": {"bias": jnp.zeros(2, jnp.int32)}})

@@ -17,8 +17,6 @@ from peftjax.compose import compose, to_config
 from peftjax.lora import LoraWeight
 from peftjax.testing import TinyTransformer, next_token_loss
 
-from test_partial import scan_hook  # noqa: F401  (the proposed Node.scannable hook)
-
 TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
 SPEC = [("lora", {"rank": 2, "targets": ["q_proj", "v_proj"], "key": 3}),
         ("bitfit", {}),
@@ -115,7 +113,7 @@ def test_lift_matches_merge_and_training_freezes_the_rest(model, use_jit):
   assert losses[-1] < losses[0]
 
 
-def test_scanned_model_with_layer_slices(scan_hook):
+def test_scanned_model_with_layer_slices():
   """LoRA on attention + layer 1 of the MLP fully + BitFit, on layer-stacked parameters."""
   m = TinyTransformer(scan=True, layers=3)
   v = jax.jit(m.init)(jax.random.key(0), TOK)
@@ -186,6 +184,12 @@ def test_conflicting_methods_on_one_leaf_name_both(model):
 def test_bad_spec(model, spec, err, msg):
   with pytest.raises(err, match=msg):
     compose(model[1], spec)
+
+
+def test_two_methods_adding_the_same_entry(model):
+  pytest.importorskip("peftjax.prompt")
+  with pytest.raises(ValueError, match="compose: prompt and prompt both add a 'prompt' entry"):
+    compose(model[1]["params"], [("prompt", {"n_tokens": 2}), ("prompt", {"n_tokens": 3})])
 
 
 def test_method_that_changes_structure(model):

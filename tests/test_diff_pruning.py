@@ -12,8 +12,6 @@ import peftjax.diff_pruning as dp
 from peftjax._src import selective
 from peftjax._src.selective import DiffPruningWeight, SparseDelta
 
-from test_partial import scan_hook  # noqa: F401  (the proposed Node.scannable hook)
-
 D, H, C = 32, 64, 8
 
 
@@ -210,7 +208,7 @@ def test_sparse_rule_forms_no_dense_delta(monkeypatch):
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
-def test_sparse_form_lift_matches_merge_and_dense_delta(scan_hook, use_jit):
+def test_sparse_form_lift_matches_merge_and_dense_delta(use_jit):
   tuned = randomize(dp.apply(stacked_params(), targets=r".*"))
   sparse = dp.project(tuned, density=0.2)
   assert isinstance(sparse["layers"]["kernel"], SparseDelta)
@@ -241,6 +239,13 @@ def test_density_outside_unit_interval(density):
 def test_bad_projection(kw, msg):
   with pytest.raises(ValueError, match=msg):
     dp.project(dp.apply({"d": {"kernel": jnp.ones((4, 4))}}), **kw)
+
+
+def test_projection_needs_int32_addressable_leaves():
+  big = jax.ShapeDtypeStruct((2**16, 2**15), jnp.float32)   # 2**31 entries, never allocated
+  node = DiffPruningWeight(w=big, delta=big, log_alpha=big)
+  with pytest.raises(ValueError, match=r"d/kernel has 2147483648 entries: int32 indices cannot"):
+    dp.project({"d": {"kernel": node}}, k=5)
 
 
 def test_no_diff_pruning_nodes():

@@ -14,26 +14,6 @@ from peftjax.testing import TinyTransformer, next_token_loss
 TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
 
 
-@pytest.fixture
-def scan_hook(monkeypatch):
-  """The proposed ``Node.scannable`` hook in lift's scan rule, installed unless lift has it.
-
-  Nodes whose leaves do not all carry the layer axis (``scannable = False``) are materialized
-  before ``lax.scan`` slices its ``xs``. Once nodes.py/lift.py carry the hook this is a no-op.
-  """
-  from peftjax._src import lift as lift_lib
-  if "scannable" in vars(peftjax.Node):
-    return
-  orig = lift_lib._RULES["scan"]
-
-  def rule(eqn, invals, env):
-    n = eqn.params["num_consts"] + eqn.params["num_carry"]
-    invals = [env.materialize(x) if i >= n and peftjax.is_node(x) and
-              not getattr(x, "scannable", True) else x for i, x in enumerate(invals)]
-    return orig(eqn, invals, env)
-  monkeypatch.setitem(lift_lib._RULES, "scan", rule)
-
-
 @pytest.fixture(scope="module")
 def scanned():
   m = TinyTransformer(scan=True, layers=3)
@@ -119,7 +99,7 @@ def check_lift_vs_merge(fn, tuned, args, loss, use_jit):
   return g1
 
 
-def test_lift_matches_merge_no_jit(scan_hook):
+def test_lift_matches_merge_no_jit():
   """Eager (op-by-op) on a small layer-stacked function: scan over [L, d, d] with a slice node."""
   k1, k2 = jax.random.split(jax.random.key(0))
   params = {"layers": {"w": jax.random.normal(k1, (3, 8, 8)) / 3, "b": jnp.zeros((3, 8))},
@@ -134,7 +114,7 @@ def test_lift_matches_merge_no_jit(scan_hook):
     check_lift_vs_merge(fn, _perturb(tuned), (x,), lambda y: jnp.sum(y ** 2), use_jit=False)
 
 
-def test_scanned_layer_1_trains_alone_and_lift_matches_merge(scanned, scan_hook):
+def test_scanned_layer_1_trains_alone_and_lift_matches_merge(scanned):
   """jit: lift == merge (logits and gradients); optax steps change slice 1 only."""
   m, v = scanned
   tuned = _perturb(peftjax.partial.apply(v, layers=[1]))

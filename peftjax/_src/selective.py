@@ -13,8 +13,9 @@ Because trainability is carried by the nodes, :func:`peftjax.trainable_mask`, ``
 ``optimizer``, ``summary`` and ``merge`` need no special case for any of them.
 
 Nodes whose leaves do not all carry a layer axis (``SliceTrainable``, ``SparseDelta``) set
-``scannable = False``: sliced by ``lax.scan`` on axis 0 they would not be the node of one layer,
-so :func:`peftjax.lift` materializes them before a scan (cheap: one scatter).
+``scan_slices_leaves = False``: sliced by ``lax.scan`` on axis 0 they would not be the node of
+one layer, so :func:`peftjax.lift` materializes them before a scan (cheap: one scatter).
+``DiffPruningWeight`` keeps one gate key per layer, so it is scanned like LoRA.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class SliceTrainable(Node):
   n_lead: int = static_field(default=1)
 
   trainable_fields = ("value",)
-  scannable = False  # ``value`` has k, not L, rows: materialize before a scan
+  scan_slices_leaves = False  # ``value`` has k, not L, rows: materialized before a scan
 
   @property
   def shape(self):
@@ -145,7 +146,7 @@ class SparseDelta(Node):
   values: jax.Array
 
   trainable_fields = ("values",)
-  scannable = False  # flat indices into the whole stacked array: materialize before a scan
+  scan_slices_leaves = False  # flat indices into the whole stacked array: materialized first
 
   @property
   def shape(self):
