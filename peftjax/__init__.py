@@ -17,6 +17,7 @@ Methods are modules with an ``apply(params, ...)`` that rewrites the tree:
 import importlib
 
 from peftjax import lora
+from peftjax.compose import compose, to_config as compose_config
 from peftjax._src.lift import lift
 from peftjax._src.nodes import Node, is_node
 from peftjax._src.partition import (Summary, combine, merge, optimizer, split, summary,
@@ -26,10 +27,10 @@ __version__ = "0.1.0"
 
 # Submodules imported on first attribute access, so `import peftjax` stays light.
 _SUBMODULES = ("qlora", "quant", "adapters", "ia3", "prompt", "prefix", "ptuning", "bitfit",
-               "partial", "diff_pruning", "auto", "compose", "models", "io", "train", "data",
+               "partial", "diff_pruning", "auto", "models", "io", "train", "data",
                "tasks", "testing", "cli")
 
-__all__ = ["lora", *_SUBMODULES, "lift", "merge", "split", "combine", "optimizer",
+__all__ = ["lora", *_SUBMODULES, "compose", "compose_config", "lift", "merge", "split", "combine", "optimizer",
            "trainable_mask", "summary", "Summary", "Node", "is_node"]
 
 

@@ -12,43 +12,19 @@ import peftjax.prompt
 from peftjax.models import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from peftjax.prompt import SoftPrompt
 from peftjax.testing import TinyTransformer
+import _additive_helpers
+from _additive_helpers import jitted_update
+
+
+def random_params(model, seed):
+  return _additive_helpers.random_params(model, seed, IDS)
+
 
 LLAMA = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_layers=2,
                     num_heads=4, num_kv_heads=2, eos_token_id=2, pad_token_id=0)
 BERT = BertConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48)
 IDS = np.random.RandomState(0).randint(3, 48, (2, 7)).astype(np.int32)
 P = 3
-
-
-def random_params(model, seed):
-  """Random parameters without compiling ``model.init``: shapes from ``eval_shape``, values from
-  NumPy (norm scales near 1, everything else N(0, 0.08^2))."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), IDS)["params"]
-  r = np.random.RandomState(seed)
-
-  def fill(path, s):
-    near_one = jax.tree_util.keystr(path).endswith("['scale']")
-    return jnp.asarray((1.0 if near_one else 0.0) + 0.08 * r.randn(*s.shape), s.dtype)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def jitted_update(tx):
-  """One jitted optimizer step ``(grads, state, trainable) -> (trainable, state)``."""
-  @jax.jit
-  def update(g, state, t):
-    u, state = tx.update(g, state, t)
-    return optax.apply_updates(t, u), state
-  return update
-
-
-_JITTED = {}
-
-
-def jitted(fn, *key):
-  """``jax.jit(fn)`` made once per key (so tests share compiled programs)."""
-  if key not in _JITTED:
-    _JITTED[key] = jax.jit(fn)
-  return _JITTED[key]
 
 
 @pytest.fixture(scope="module")
