@@ -11,6 +11,7 @@ import peftjax
 import peftjax.diff_pruning as dp
 from peftjax._src import selective
 from peftjax._src.selective import DiffPruningWeight, SparseDelta
+from _checks import check_lift_vs_merge
 
 D, H, C = 32, 64, 8
 
@@ -52,24 +53,6 @@ def randomize(tree):
                        log_alpha=jnp.asarray(2.0 * RNG.normal(size=x.shape), jnp.float32))
     return x
   return jax.tree.map(f, tree, is_leaf=peftjax.is_node)
-
-
-def check_lift_vs_merge(fn, tuned, args, loss, use_jit):
-  """lift(fn)(tuned) == fn(merge(tuned)): outputs and gradients of the trainable part."""
-  tr, fr = peftjax.split(tuned)
-
-  def value_and_grad(apply):
-    f = lambda t: (lambda y: (loss(y), y))(apply(peftjax.combine(t, fr), *args))
-    vg = jax.value_and_grad(f, has_aux=True)
-    return jax.jit(vg) if use_jit else vg
-  (_, y1), g1 = value_and_grad(peftjax.lift(fn))(tr)
-  (_, y2), g2 = value_and_grad(lambda p, *a: fn(peftjax.merge(p), *a))(tr)
-  np.testing.assert_allclose(y1, y2, atol=1e-5, rtol=1e-5)
-  leaves = jax.tree.leaves(g2)
-  assert leaves and all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
-  for a, b in zip(jax.tree.leaves(g1), leaves):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
-  return g1
 
 
 def test_apply_structure_and_identity_at_init():
