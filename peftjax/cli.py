@@ -1,29 +1,42 @@
 """The ``peftjax`` command line.
 
-    peftjax train --model minilm --method lora --data rotten_tomatoes --steps 300
-    peftjax train --model smollm2 --method lora --data moby_dick --steps 50 --seq-len 128
+    peftjax train --model minilm --method lora --data rotten_tomatoes --steps 300 --out run/
+    peftjax train --model smollm2 --method prefix --data moby_dick --steps 50 --seq-len 128
+    peftjax eval --adapter run/                    # model, data and method options from run/
+    peftjax merge --adapter run/ --out merged/     # base + adapter -> HF model directory
+    peftjax export --adapter run/ --out hf_peft/   # adapter -> HF PEFT (PyTorch peft loads it)
     peftjax generate --model smollm2 --prompt "The whale"
     peftjax methods
 
 ``train`` fine-tunes a real model on a real dataset with one PEFT method, shows a progress bar,
 evaluates the base model (and, for classification, a trained linear head on the frozen model)
-before, and prints a final comparison table; ``--out DIR`` keeps ``metrics.jsonl``, the result
-table and the trained adapter (only the trainable leaves, safetensors).
+before, and prints a final comparison table. ``--out DIR`` keeps ``run.json`` (model, data, method
+and its options: what ``eval``/``merge``/``export`` need), ``metrics.jsonl``, the result table
+(``results.md``, ``results.json``), training checkpoints (``checkpoints/``, every
+``--save-every`` steps; running the same command again resumes from the last one) and the
+trained adapter (``adapter/``, :func:`peftjax.io.checkpoint.save_adapter`).
 
 Models: ``minilm`` (all-MiniLM-L6-v2, BERT), ``smollm2`` (SmolLM2-135M-Instruct, Llama, GGUF),
-an HF model directory or a ``.gguf`` file. Datasets: ``rotten_tomatoes`` (sentiment, with an
-encoder), ``moby_dick`` or a ``.txt`` file (language modelling, with a decoder).
+an HF model directory or a ``.gguf`` file. Datasets: ``rotten_tomatoes`` or a ``.csv``/``.tsv``/
+``.jsonl`` file (sentence classification, with an encoder), ``moby_dick`` or a ``.txt`` file
+(language modelling, with a decoder).
+
+User errors (a missing file, an unknown column, method or model, an option that does not apply
+to the method, a bad value) print one line ``peftjax CMD: error: ...`` and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
+import re
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,83 +45,433 @@ import numpy as np
 import peftjax
 from peftjax.train import TrainConfig, evaluate, train
 
+RUN_FILE = "run.json"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+HEAD_TARGETS = r".*classifier.*"
 
-def _method_lora(params, a):
-  return peftjax.lora.apply(params, rank=a.rank, alpha=a.alpha, targets=a.targets,
-                            dropout=a.lora_dropout, key=jax.random.key(a.seed))
+
+# ------------------------------------------------------------------------------------------------
+# methods
+# ------------------------------------------------------------------------------------------------
+
+class Method(NamedTuple):
+  """A PEFT method as the command line runs it.
+
+  Attributes:
+    apply: ``(params, options, model) -> tree`` (``options``: the method's option values).
+    description: one line for ``peftjax methods``.
+    options: the option names (argparse dests) that apply to it.
+    forward: ``(model) -> forward(tree, input_ids, **kwargs)`` when the method changes the
+      forward pass (soft prompts, prefixes); None for the model's own.
+    prepare: ``(options) -> (tree, key) -> tree`` per training step (dropout keys, gate noise),
+      or None.
+    penalty: ``(options) -> tree -> scalar`` added to the loss, or None.
+    learning_rate: default learning rate.
+  """
+  apply: Callable
+  description: str
+  options: tuple = ()
+  forward: Optional[Callable] = None
+  prepare: Optional[Callable] = None
+  penalty: Optional[Callable] = None
+  learning_rate: float = 1e-3
 
 
-def _method_qlora(params, a):
+def _key(o):
+  return jax.random.key(o["seed"])
+
+
+def _lora(params, o, model):
+  return peftjax.lora.apply(params, rank=o["rank"], alpha=o["alpha"], targets=o["targets"],
+                            dropout=o["lora_dropout"], key=_key(o))
+
+
+def _qlora(params, o, model):
   from peftjax import qlora
-  return qlora.apply(params, rank=a.rank, alpha=a.alpha, targets=a.targets,
-                     key=jax.random.key(a.seed))
+  return qlora.apply(params, rank=o["rank"], alpha=o["alpha"], targets=o["targets"],
+                     dropout=o["lora_dropout"], key=_key(o))
 
 
-def _method_ia3(params, a):
+def _lora_prepare(o):
+  if not o["lora_dropout"]:
+    return None
+  return peftjax.lora.set_dropout_key
+
+
+def _ia3(params, o, model):
   from peftjax import ia3
-  return ia3.apply(params, targets=a.targets)
+  return ia3.apply(params, targets=o["targets"])
 
 
-def _method_adapter(params, a):
+def _adapter(params, o, model):
   from peftjax import adapters
-  return adapters.apply(params, bottleneck=a.bottleneck, placement=a.placement,
-                        key=jax.random.key(a.seed))
+  return adapters.apply(params, bottleneck=o["bottleneck"], placement=o["placement"],
+                        targets=o["targets"], key=_key(o))
 
 
-def _method_bitfit(params, a):
+def _prompt(params, o, model):
+  from peftjax import prompt
+  if o["prompt_init"] == "text":
+    raise ValueError("--prompt-init text needs the tokenizer; use vocab or random")
+  return prompt.apply(params, o["n_tokens"], init=o["prompt_init"], key=_key(o))
+
+
+def _prompt_forward(model):
+  from peftjax import prompt
+  return prompt.forward(model)
+
+
+def _prefix(params, o, model):
+  from peftjax import prefix
+  cfg = getattr(model, "config", None)
+  if cfg is None:
+    raise TypeError(f"prefix tuning needs a reference model with a config; got "
+                    f"{type(model).__name__}")
+  return prefix.apply(params, cfg, o["n_tokens"], hidden=o["prefix_hidden"],
+                      projection=not o["no_projection"], key=_key(o))
+
+
+def _prefix_forward(model):
+  from peftjax import prefix
+  return prefix.forward(model)
+
+
+def _ptuning(params, o, model):
+  from peftjax import ptuning
+  return ptuning.apply(params, o["n_tokens"], encoder=o["encoder"], hidden=o["encoder_hidden"],
+                       key=_key(o))
+
+
+def _bitfit(params, o, model):
   from peftjax import bitfit
-  return bitfit.apply(params, which=a.bitfit_which)
+  return bitfit.apply(params, which=o["bitfit_which"])
 
 
-def _method_partial(params, a):
+def _partial(params, o, model):
   from peftjax import partial
-  return partial.apply(params, layers=-a.top_layers, targets=a.targets)
+  return partial.apply(params, layers=-o["top_layers"], targets=o["targets"])
 
 
-def _method_full(params, a):
+def _diffpruning(params, o, model):
+  from peftjax import diff_pruning
+  return diff_pruning.apply(params, targets=o["targets"])
+
+
+def _diffpruning_prepare(o):
+  from peftjax import diff_pruning
+  return diff_pruning.set_key
+
+
+def _diffpruning_penalty(o):
+  from peftjax import diff_pruning
+  density, weight = o["density"], o["l0_weight"]
+  return lambda tree: weight * diff_pruning.penalty(tree, density=density)
+
+
+def _full(params, o, model):
   from peftjax import partial
   return partial.apply(
       params, targets=lambda p, x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating))
 
 
-#: method name -> (apply(params, args) -> tree, one-line description)
-METHODS: dict[str, tuple[Callable, str]] = {
-    "lora": (_method_lora, "low-rank update W + (alpha/r) B A on the linear layers"),
-    "qlora": (_method_qlora, "NF4 4-bit base (double quantization) + LoRA on top"),
-    "ia3": (_method_ia3, "learned scaling of keys, values and the FFN activation"),
-    "adapter": (_method_adapter, "bottleneck adapters (Houlsby/Pfeiffer/parallel)"),
-    "bitfit": (_method_bitfit, "train the bias terms only"),
-    "partial": (_method_partial, "train the top --top-layers layers fully"),
-    "full": (_method_full, "full fine-tuning (every floating leaf trains)"),
+_LORA_OPTS = ("rank", "alpha", "lora_dropout", "targets")
+_PROMPT_OPTS = ("n_tokens",)
+
+#: method name -> :class:`Method`.
+METHODS: dict[str, Method] = {
+    "lora": Method(_lora, "low-rank update W + (alpha/r) A B on the linear layers", _LORA_OPTS,
+                   prepare=_lora_prepare),
+    "qlora": Method(_qlora, "NF4 4-bit base (double quantization) + LoRA on top", _LORA_OPTS,
+                    prepare=_lora_prepare),
+    "adapter": Method(_adapter, "bottleneck adapters (Houlsby/Pfeiffer/parallel)",
+                      ("bottleneck", "placement", "targets")),
+    "ia3": Method(_ia3, "learned scaling of keys, values and the FFN activation", ("targets",),
+                  learning_rate=3e-3),
+    "prompt": Method(_prompt, "prompt tuning: trained soft tokens before the input",
+                     ("n_tokens", "prompt_init"), forward=_prompt_forward, learning_rate=1e-2),
+    "prefix": Method(_prefix, "prefix tuning: trained key/value prefixes in every layer (MLP "
+                     "reparameterized; --no-projection is P-tuning v2)",
+                     ("n_tokens", "prefix_hidden", "no_projection"), forward=_prefix_forward,
+                     learning_rate=5e-3),
+    "ptuning": Method(_ptuning, "P-tuning: virtual tokens from an MLP/LSTM prompt encoder",
+                      ("n_tokens", "encoder", "encoder_hidden"), forward=_prompt_forward,
+                      learning_rate=1e-2),
+    "bitfit": Method(_bitfit, "train the bias terms only", ("bitfit_which",)),
+    "partial": Method(_partial, "train the top --top-layers layers fully",
+                      ("top_layers", "targets"), learning_rate=5e-5),
+    "diffpruning": Method(_diffpruning, "sparse difference W + z*delta with L0 (hard-concrete) "
+                          "gates pushed to --density", ("density", "l0_weight", "targets"),
+                          prepare=_diffpruning_prepare, penalty=_diffpruning_penalty),
+    "full": Method(_full, "full fine-tuning (every floating leaf trains)", learning_rate=5e-5),
 }
 
 
-def _add_train_args(p):
-  p.add_argument("--model", default="minilm", help="minilm | smollm2 | HF dir | .gguf file")
-  p.add_argument("--method", default="lora", choices=sorted(METHODS))
-  p.add_argument("--data", default="rotten_tomatoes",
-                 help="rotten_tomatoes (classification) | moby_dick | path.txt (language model)")
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (PEFT), 5e-5 (full)")
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--grad-accum", type=int, default=1)
-  p.add_argument("--seq-len", type=int, default=64, help="max tokens per example / LM window")
-  p.add_argument("--eval-limit", type=int, default=1024, help="test examples (0 = all)")
-  p.add_argument("--eval-every", type=int, default=0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, help="directory for metrics.jsonl, results and adapter")
-  p.add_argument("--no-baseline", action="store_true", help="skip the head-only baseline")
-  g = p.add_argument_group("method options")
-  g.add_argument("--rank", type=int, default=8)
-  g.add_argument("--alpha", type=float, default=16)
-  g.add_argument("--lora-dropout", type=float, default=0.0)
-  g.add_argument("--targets", default=None, help="regex over parameter paths (default: method's)")
-  g.add_argument("--bottleneck", type=int, default=64)
-  g.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer", "parallel"])
-  g.add_argument("--bitfit-which", default="all")
-  g.add_argument("--top-layers", type=int, default=2)
+# ------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------
 
+class _UsageError(Exception):
+  pass
+
+
+class _Parser(argparse.ArgumentParser):
+  """Usage errors are one line (``peftjax train: error: ...``) and exit code 2."""
+
+  def error(self, message):
+    raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _checked(kind: str, lo: float, lo_ok: bool, hi: Optional[float] = None):
+  conv = int if kind == "int" else float
+  what = {("int", 0, False): "a positive integer", ("int", 0, True): "an integer >= 0",
+          ("float", 0, False): "a positive number", ("float", 0, True): "a number >= 0"}.get(
+              (kind, lo, lo_ok), f"a number in ({lo}, {hi})")
+
+  def parse(text):
+    try:
+      v = conv(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(v) or v < lo or (v == lo and not lo_ok) or (hi is not None and v >= hi):
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
+  return parse
+
+
+_pos_int, _nonneg_int = _checked("int", 0, False), _checked("int", 0, True)
+_pos_float, _nonneg_float = _checked("float", 0, False), _checked("float", 0, True)
+_fraction = _checked("float", 0, False, 1.0)
+
+#: method options: (flag, dest, argparse kwargs, default, help group)
+_METHOD_OPTIONS = [
+    ("--rank", "rank", dict(type=_pos_int), 8, "LoRA rank r"),
+    ("--alpha", "alpha", dict(type=_pos_float), 16.0, "LoRA scale numerator (scale = alpha/r)"),
+    ("--lora-dropout", "lora_dropout", dict(type=_checked("float", 0, True, 1.0)), 0.0,
+     "dropout on the LoRA input while training"),
+    ("--targets", "targets", dict(), None, "regex over parameter paths (default: the method's)"),
+    ("--bottleneck", "bottleneck", dict(type=_pos_int), 64, "adapter hidden width"),
+    ("--placement", "placement", dict(choices=["houlsby", "pfeiffer", "parallel"]), "houlsby",
+     "where adapters go"),
+    ("--n-tokens", "n_tokens", dict(type=_pos_int), 20, "soft tokens / prefix length"),
+    ("--prompt-init", "prompt_init", dict(choices=["vocab", "random"]), "vocab",
+     "soft prompt initialization"),
+    ("--prefix-hidden", "prefix_hidden", dict(type=_pos_int), 512,
+     "width of the prefix reparameterization MLP"),
+    ("--no-projection", "no_projection", dict(action="store_const", const=True), False,
+     "train the prefixes directly, without the MLP (P-tuning v2)"),
+    ("--encoder", "encoder", dict(choices=["mlp", "lstm"]), "mlp", "P-tuning prompt encoder"),
+    ("--encoder-hidden", "encoder_hidden", dict(type=_pos_int), None,
+     "prompt encoder width (default: the model's hidden size)"),
+    ("--bitfit-which", "bitfit_which", dict(), "all", "all | paper | regex of bias paths"),
+    ("--top-layers", "top_layers", dict(type=_pos_int), 2, "how many top layers train"),
+    ("--density", "density", dict(type=_fraction), 0.005,
+     "target fraction of nonzero entries of the difference"),
+    ("--l0-weight", "l0_weight", dict(type=_nonneg_float), 10.0, "weight of the L0 penalty"),
+]
+_OPTION_FLAG = {dest: flag for flag, dest, *_ in _METHOD_OPTIONS}
+_OPTION_DEFAULT = {dest: default for _, dest, _, default, _ in _METHOD_OPTIONS}
+
+_GROUPS = [("LoRA / QLoRA", ("lora", "qlora")), ("bottleneck adapters", ("adapter",)),
+           ("prompt / prefix / P-tuning", ("prompt", "prefix", "ptuning")),
+           ("BitFit", ("bitfit",)), ("partial", ("partial",)), ("DiffPruning", ("diffpruning",)),
+           ("several methods", ())]
+
+
+def _methods_of(dest: str) -> list[str]:
+  return [m for m, spec in METHODS.items() if dest in spec.options]
+
+
+def _add_method_options(p):
+  done = set()
+  for title, methods in _GROUPS:
+    dests = [d for _, d, *_ in _METHOD_OPTIONS if d not in done and
+             (set(_methods_of(d)) <= set(methods) if methods else True)]
+    if not dests:
+      continue
+    g = p.add_argument_group(f"{title} options" if methods else "options of several methods",
+                             None if methods else "--targets: " + ", ".join(_methods_of("targets")))
+    for flag, dest, kw, default, text in _METHOD_OPTIONS:
+      if dest in dests:
+        shown = "" if default in (None, False) else f" (default: {default})"
+        g.add_argument(flag, dest=dest, default=None, help=text + shown, **kw)
+        done.add(dest)
+
+
+_TRAIN_EPILOG = """examples:
+  peftjax train --model minilm --method lora --data rotten_tomatoes --steps 300 --out run/
+  peftjax train --model minilm --method prompt --n-tokens 20 --data reviews.csv \\
+      --text-column review --label-column sentiment --out run/
+  peftjax train --model smollm2 --method qlora --rank 16 --data moby_dick --steps 50 --seq-len 128
+  peftjax train --model minilm --method diffpruning --density 0.01 --data rotten_tomatoes
+
+Options of another method are an error (--rank with --method ia3). Running the same command with
+the same --out again resumes from the last checkpoint in OUT/checkpoints.
+"""
+
+
+def _add_data_args(p, *, train: bool):
+  p.add_argument("--model", default=None if not train else "minilm",
+                 help="minilm | smollm2 | HF dir | .gguf file" + (" (default: minilm)" if train
+                                                                   else " (default: the run's)"))
+  p.add_argument("--data", default=None if not train else "rotten_tomatoes",
+                 help="rotten_tomatoes | FILE.csv/.tsv/.jsonl (classification); moby_dick | "
+                      "FILE.txt (language model)" + (" (default: rotten_tomatoes)" if train
+                                                     else " (default: the run's)"))
+  p.add_argument("--eval-data", default=None,
+                 help="evaluate on this file (default: a seeded 10%% held-out split of --data, or "
+                      "the dataset's test split)")
+  p.add_argument("--text-column", default=None, help="text column of a data file "
+                                                     "(default: text)")
+  p.add_argument("--label-column", default=None, help="label column of a data file "
+                                                      "(default: label; strings or int ids)")
+  p.add_argument("--seq-len", type=_pos_int, default=None,
+                 help="max tokens per example / LM window (default: 64)")
+  p.add_argument("--eval-limit", type=_nonneg_int, default=1024,
+                 help="held-out examples (0 = all; default: 1024)")
+  p.add_argument("--batch-size", type=_pos_int, default=None, help="default: 32 (classification),"
+                                                                    " 4 (language model)")
+  p.add_argument("--seed", type=int, default=None, help="default: 0")
+
+
+def _add_train_args(p):
+  _add_data_args(p, train=True)
+  p.add_argument("--method", default="lora", choices=list(METHODS),
+                 help="PEFT method (default: lora; see `peftjax methods`)")
+  p.add_argument("--steps", type=_pos_int, default=300, help="optimizer steps (default: 300)")
+  p.add_argument("--lr", type=_pos_float, default=None,
+                 help="learning rate (default: the method's, e.g. 1e-3 LoRA, 5e-5 full)")
+  p.add_argument("--warmup", type=_nonneg_int, default=20, help="warmup steps (default: 20)")
+  p.add_argument("--grad-accum", type=_pos_int, default=1,
+                 help="micro-batches per step (default: 1)")
+  p.add_argument("--eval-every", type=_nonneg_int, default=0,
+                 help="evaluate every N steps (default: 0, at the end only)")
+  p.add_argument("--out", default=None, help="directory for run.json, metrics, results, "
+                                             "checkpoints and the adapter")
+  p.add_argument("--save-every", type=_pos_int, default=100,
+                 help="checkpoint every N steps into OUT/checkpoints (default: 100)")
+  p.add_argument("--sharding", choices=["dp", "fsdp"], default="dp",
+                 help="over all visible devices: data parallel (dp) or FSDP parameters "
+                      "(default: dp)")
+  p.add_argument("--no-baseline", action="store_true", help="skip the head-only baseline")
+  _add_method_options(p)
+
+
+def _method_options(a, method: str) -> dict:
+  """The method's option values (defaults filled in); an explicitly passed option that does not
+  apply to ``method`` is an error."""
+  spec = METHODS[method]
+  for dest, flag in _OPTION_FLAG.items():
+    if getattr(a, dest, None) is not None and dest not in spec.options:
+      where = _methods_of(dest)
+      raise _UsageError(f"peftjax {a.cmd}: error: {flag} does not apply to --method {method} "
+                        f"(it applies to: {', '.join(where)})")
+  opts = {d: (getattr(a, d) if getattr(a, d) is not None else _OPTION_DEFAULT[d])
+          for d in spec.options}
+  return opts
+
+
+# ------------------------------------------------------------------------------------------------
+# runs: what train --out records, and rebuilding a tuned tree from it
+# ------------------------------------------------------------------------------------------------
+
+def _data_kind(data: str) -> str:
+  if data == "rotten_tomatoes":
+    return "classification"
+  if data == "moby_dick":
+    return "lm"
+  suffix = Path(data).suffix.lower()
+  if suffix in peftjax.data.TABLE_SUFFIXES:
+    kind = "classification"
+  elif suffix == ".txt":
+    kind = "lm"
+  else:
+    raise ValueError(f"unknown dataset {data!r}: use rotten_tomatoes, moby_dick, or a path to a "
+                     f".csv/.tsv/.jsonl (classification) or .txt (language model) file")
+  if not Path(data).is_file():
+    raise FileNotFoundError(f"data file {data} does not exist")
+  return kind
+
+
+_ENCODERS, _DECODERS = {"minilm"}, {"smollm2"}
+
+
+def _check_model(model: str, kind: str):
+  if kind == "classification" and model in _DECODERS:
+    raise ValueError(f"--model {model} is a decoder; sentence classification needs an encoder "
+                     f"(BERT family, e.g. --model minilm)")
+  if kind == "lm" and model in _ENCODERS:
+    raise ValueError(f"--model {model} is an encoder; language modelling needs a decoder "
+                     f"(Llama family, e.g. --model smollm2)")
+  from peftjax import tasks
+  tasks.resolve_model(model)  # unknown names fail here, before any data is read
+
+
+def _load_task(run: dict, *, eval_limit: int):
+  from peftjax import tasks
+  if run["kind"] == "lm":
+    return tasks.lm_task(run["model"], run["data"], batch_size=run["batch_size"],
+                         seq_len=run["seq_len"], seed=run["seed"], scan_layers=False,
+                         eval_data=run.get("eval_data"))
+  return tasks.classification_task(
+      run["model"], run["data"], batch_size=run["batch_size"], max_len=run["seq_len"],
+      seed=run["seed"], eval_limit=eval_limit or None, eval_data=run.get("eval_data"),
+      text_column=run["text_column"], label_column=run["label_column"], labels=run.get("labels"))
+
+
+def _with_head(tree, head_targets):
+  """Makes the task's classification head train too (HF PEFT's ``modules_to_save``)."""
+  if head_targets is None:
+    return tree
+  from peftjax import partial
+  head = re.compile(head_targets)
+  # Leaves a method already made trainable (BitFit's head bias, say) stay as they are.
+  return partial.apply(tree, targets=lambda p, x: bool(head.fullmatch(p)) and not peftjax.is_node(x))
+
+
+def _tune(params, run: dict, model, head_targets):
+  """The method's tree (with the head trainable for classification), as ``train`` builds it."""
+  tuned = METHODS[run["method"]].apply(params, {**run["options"], "seed": run["seed"]}, model)
+  if run["kind"] == "classification" and run["method"] != "full":
+    tuned = _with_head(tuned, head_targets)
+  return tuned
+
+
+def _adapt(task, run: dict):
+  spec = METHODS[run["method"]]
+  opts = {**run["options"], "seed": run["seed"]}
+  return task.adapt(forward=spec.forward(task.model) if spec.forward else None,
+                    prepare=spec.prepare(opts) if spec.prepare else None,
+                    penalty=spec.penalty(opts) if spec.penalty else None)
+
+
+def _read_run(path: str) -> tuple[dict, Path]:
+  """``(run.json contents, adapter directory)`` of a ``train --out`` directory."""
+  d = Path(path)
+  if not d.exists():
+    raise FileNotFoundError(f"adapter directory {d} does not exist")
+  for run_dir, adapter in ((d, d / ADAPTER_DIR), (d.parent, d)):
+    f = run_dir / RUN_FILE
+    if f.is_file():
+      try:
+        run = json.loads(f.read_text())
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: corrupt run file ({e})") from None
+      if not (adapter / "manifest").exists():
+        raise ValueError(f"{d}: no trained adapter in {adapter} (did the training finish?)")
+      return run, adapter
+  raise ValueError(f"{d}: not a `peftjax train --out` directory (no {RUN_FILE})")
+
+
+def _restored(run: dict, adapter: Path, params, model):
+  from peftjax.io.checkpoint import restore_adapter
+  template = _tune(params, run, model, HEAD_TARGETS)
+  return restore_adapter(adapter, template)
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
 
 def _table(rows: list[dict], cols: list[str]) -> str:
   w = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
@@ -118,88 +481,234 @@ def _table(rows: list[dict], cols: list[str]) -> str:
   return "\n".join(out)
 
 
-def _with_head(tree, task):
-  """Makes the task's classification head train too (HF PEFT's ``modules_to_save``)."""
-  if task.head_targets is None:
-    return tree
-  import re
-  from peftjax import partial
-  head = re.compile(task.head_targets)
-  # Leaves a method already made trainable (BitFit's head bias, say) stay as they are.
-  return partial.apply(tree, targets=lambda p, x: bool(head.fullmatch(p)) and not peftjax.is_node(x))
+def _row(name, tree, metrics, lm: bool, seconds=None, steps=None) -> dict:
+  s = peftjax.summary(tree)
+  r = {"model": name, "trainable": f"{s.trainable:,}", "trainable %": f"{100 * s.fraction:.3f}"}
+  if lm:
+    r["held-out nll"] = f"{metrics['nll']:.4f}"
+    r["perplexity"] = f"{math.exp(metrics['nll']):.2f}"
+  else:
+    r["test accuracy"] = f"{100 * metrics['accuracy']:.2f}%"
+    r["test loss"] = f"{metrics['loss']:.4f}"
+  r["s/step"] = f"{seconds / steps:.3f}" if seconds and steps else "-"
+  return r
+
+
+def _run_record(a) -> dict:
+  kind = _data_kind(a.data)
+  if a.eval_data is not None:
+    _data_kind(a.eval_data)
+  _check_model(a.model, kind)
+  if kind == "lm" and (a.text_column is not None or a.label_column is not None):
+    raise _UsageError(f"peftjax {a.cmd}: error: --text-column/--label-column apply to "
+                      f"classification data files, not {a.data}")
+  return {"model": a.model, "data": a.data, "eval_data": a.eval_data, "kind": kind,
+          "method": a.method, "options": _method_options(a, a.method),
+          "seed": 0 if a.seed is None else a.seed,
+          "seq_len": a.seq_len or 64,
+          "batch_size": a.batch_size or (4 if kind == "lm" else 32),
+          "text_column": a.text_column or "text", "label_column": a.label_column or "label",
+          "peftjax_version": peftjax.__version__}
+
+
+_SAME_RUN = ("model", "data", "eval_data", "method", "options", "seed", "seq_len", "batch_size",
+             "text_column", "label_column")
 
 
 def cmd_train(a) -> dict:
-  from peftjax import tasks
-  if a.method == "full":
-    a.lr = a.lr or 5e-5
-  a.lr = a.lr or 1e-3
-  lm = a.data != "rotten_tomatoes"
+  run = _run_record(a)
+  spec = METHODS[a.method]
+  lr = a.lr or spec.learning_rate
+  if a.warmup >= a.steps and a.warmup:
+    a.warmup = a.steps - 1
+  if run["batch_size"] % a.grad_accum:
+    raise ValueError(f"--batch-size {run['batch_size']} is not divisible by --grad-accum "
+                     f"{a.grad_accum}")
+  ckpt_dir = None
+  if a.out:
+    out = Path(a.out)
+    prev = out / RUN_FILE
+    ckpt_dir = out / CHECKPOINT_DIR
+    if prev.is_file() and ckpt_dir.exists():
+      old = json.loads(prev.read_text())
+      diff = [k for k in _SAME_RUN if old.get(k) != run.get(k)]
+      if diff:
+        raise ValueError(f"{out} holds checkpoints of another run ({', '.join(diff)} differ: "
+                         f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another --out "
+                         f"or delete {ckpt_dir}")
+  lm = run["kind"] == "lm"
   t0 = time.perf_counter()
-  if lm:
-    task = tasks.lm_task(a.model, a.data, batch_size=a.batch_size, seq_len=a.seq_len,
-                         seed=a.seed, scan_layers=False)
-  else:
-    task = tasks.classification_task(a.model, a.data, batch_size=a.batch_size, max_len=a.seq_len,
-                                     seed=a.seed, eval_limit=a.eval_limit or None)
+  task = _load_task(run, eval_limit=a.eval_limit)
+  run["labels"] = task.labels
   print(f"loaded {a.model} and {a.data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-  cfg = TrainConfig(steps=a.steps, learning_rate=a.lr, warmup_steps=min(a.warmup, a.steps - 1),
-                    grad_accum=a.grad_accum, eval_every=a.eval_every, seed=a.seed,
-                    out_dir=a.out, log_every=10)
-  rows = []
-
-  def row(name, tree, metrics, seconds=None, steps=None):
-    s = peftjax.summary(tree)
-    r = {"model": name, "trainable": f"{s.trainable:,}", "trainable %": f"{100 * s.fraction:.3f}"}
-    if lm:
-      r["held-out nll"] = f"{metrics['nll']:.4f}"
-      r["perplexity"] = f"{math.exp(metrics['nll']):.2f}"
-    else:
-      r["test accuracy"] = f"{100 * metrics['accuracy']:.2f}%"
-      r["test loss"] = f"{metrics['loss']:.4f}"
-    r["s/step"] = f"{seconds / steps:.3f}" if seconds else "-"
-    rows.append(r)
-
-  base_metrics = evaluate(task.eval_fn, task.params, task.eval_batches())
-  row("base model" + ("" if lm else " (untrained head)"), task.params, base_metrics)
-  if not lm and not a.no_baseline and a.method != "full":
-    probe = _with_head(task.params, task)
-    t1 = time.perf_counter()
-    res = train(task.loss_fn, probe, task.train_loader, cfg.__class__(**{**cfg.__dict__,
-                                                                         "out_dir": None}),
-                eval_fn=task.eval_fn, eval_data=task.eval_batches)
-    row("base + trained head (linear probe)", res.params, res.eval_metrics,
-        time.perf_counter() - t1, a.steps)
-  tuned = METHODS[a.method][0](task.params, a)
-  if not lm and a.method != "full":
-    tuned = _with_head(tuned, task)
-  print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
-  t1 = time.perf_counter()
-  res = train(task.loss_fn, tuned, task.train_loader, cfg, eval_fn=task.eval_fn,
-              eval_data=task.eval_batches)
-  row(f"{a.method}" + ("" if lm or a.method == "full" else " + head"), res.params,
-      res.eval_metrics, time.perf_counter() - t1, a.steps)
-  cols = list(rows[0])
-  table = _table(rows, cols)
-  print("\n" + table)
   if a.out:
     os.makedirs(a.out, exist_ok=True)
+    (Path(a.out) / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+  cfg = TrainConfig(steps=a.steps, learning_rate=lr, warmup_steps=min(a.warmup, a.steps - 1),
+                    grad_accum=a.grad_accum, eval_every=a.eval_every, seed=run["seed"],
+                    out_dir=a.out, log_every=10, sharding=a.sharding,
+                    checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
+                    save_every=a.save_every)
+  rows = []
+  base_metrics = evaluate(task.eval_fn, task.params, task.eval_batches())
+  rows.append(_row("base model" + ("" if lm else " (untrained head)"), task.params, base_metrics,
+                   lm))
+  if not lm and not a.no_baseline and a.method != "full":
+    probe = _with_head(task.params, task.head_targets)
+    t1 = time.perf_counter()
+    probe_loader = copy.copy(task.train_loader)  # its own position: the method starts afresh
+    probe_loader.restore({"epoch": 0, "index": 0})
+    res = train(task.loss_fn, probe, probe_loader,
+                TrainConfig(**{**cfg.__dict__, "out_dir": None, "checkpoint_dir": None,
+                               "learning_rate": 1e-3}),
+                eval_fn=task.eval_fn, eval_data=task.eval_batches)
+    rows.append(_row("base + trained head (linear probe)", res.params, res.eval_metrics, lm,
+                     time.perf_counter() - t1, a.steps))
+  tuned = _tune(task.params, run, task.model, task.head_targets)
+  mtask = _adapt(task, run)
+  print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
+  t1 = time.perf_counter()
+  res = train(mtask.loss_fn, tuned, mtask.train_loader, cfg, eval_fn=mtask.eval_fn,
+              eval_data=mtask.eval_batches)
+  done = a.steps - res.start_step
+  rows.append(_row(f"{a.method}" + ("" if lm or a.method == "full" else " + head"), res.params,
+                   res.eval_metrics, lm, time.perf_counter() - t1, done))
+  if a.method == "diffpruning":
+    from peftjax import diff_pruning
+    print(f"diffpruning: open gates {100 * float(diff_pruning.open_fraction(res.params)):.3f}% "
+          f"(target {100 * run['options']['density']:.3f}%)", file=sys.stderr)
+  table = _table(rows, list(rows[0]))
+  print("\n" + table)
+  if a.out:
+    from peftjax.io.checkpoint import save_adapter
     with open(os.path.join(a.out, "results.md"), "w") as f:
       f.write(table + "\n")
     with open(os.path.join(a.out, "results.json"), "w") as f:
-      json.dump({"args": vars(a), "rows": rows}, f, indent=2, default=str)
-    _save_trainable(res.params, os.path.join(a.out, "adapter.safetensors"))
+      json.dump({"args": vars(a), "run": run, "rows": rows}, f, indent=2, default=str)
+    save_adapter(Path(a.out) / ADAPTER_DIR, res.params, force=True)
+    print(f"saved the adapter to {Path(a.out) / ADAPTER_DIR}", file=sys.stderr)
   return {"rows": rows, "result": res}
 
 
-def _save_trainable(tree, path):
-  """The trainable leaves only, as safetensors keyed by path (a few MB for LoRA)."""
-  from safetensors.numpy import save_file
-  from peftjax._src.targeting import path_str
-  trainable, _ = peftjax.split(tree)
-  flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
-  save_file({path_str(p): np.asarray(x) for p, x in flat}, path)
+# ------------------------------------------------------------------------------------------------
+# eval / merge / export
+# ------------------------------------------------------------------------------------------------
 
+def _eval_run(a) -> tuple[dict, Optional[Path]]:
+  if a.adapter:
+    run, adapter = _read_run(a.adapter)
+  else:
+    if a.model is None or a.data is None:
+      raise _UsageError("peftjax eval: error: give --adapter DIR (a `peftjax train --out` "
+                        "directory), or --model and --data to evaluate a base model")
+    run, adapter = {"method": None, "options": {}, "seed": 0, "labels": None}, None
+  for k in ("model", "data", "eval_data", "text_column", "label_column", "seq_len", "batch_size",
+            "seed"):
+    v = getattr(a, k, None)
+    if v is not None:
+      run[k] = v
+  if a.data is not None and a.adapter and a.eval_data is None:
+    # a new dataset: evaluate on its held-out part (or the test split)
+    run["eval_data"] = None
+  run["kind"] = _data_kind(run["data"])
+  if run.get("eval_data"):
+    _data_kind(run["eval_data"])
+  _check_model(run["model"], run["kind"])
+  run.setdefault("text_column", "text")
+  run.setdefault("label_column", "label")
+  run["seq_len"] = run.get("seq_len") or 64
+  run["batch_size"] = run.get("batch_size") or (4 if run["kind"] == "lm" else 32)
+  return run, adapter
+
+
+def cmd_eval(a) -> dict:
+  run, adapter = _eval_run(a)
+  lm = run["kind"] == "lm"
+  task = _load_task(run, eval_limit=a.eval_limit)
+  if adapter is None:
+    name, tree = "base model" + ("" if lm else " (untrained head)"), task.params
+  else:
+    tree = _restored(run, adapter, task.params, task.model)
+    task = _adapt(task, run)
+    name = f"{run['method']} ({adapter})"
+  metrics = evaluate(task.eval_fn, tree, task.eval_batches())
+  row = _row(name, tree, metrics, lm)
+  row.pop("s/step")
+  print(_table([row], list(row)))
+  return {"rows": [row], "metrics": metrics}
+
+
+def _load_model(run: dict):
+  from peftjax import tasks
+  from peftjax.io.hf import from_pretrained
+  path = tasks.resolve_model(run["model"])
+  if run["kind"] == "classification":
+    return from_pretrained(path, task="sequence-classification", num_labels=len(run["labels"]),
+                           key=jax.random.key(run["seed"]))
+  return from_pretrained(path)
+
+
+def cmd_merge(a):
+  from peftjax.io.export import export_merged
+  run, adapter = _read_run(a.adapter)
+  if run["method"] in ("prompt", "prefix", "ptuning"):
+    raise ValueError(f"--method {run['method']} adds soft tokens or prefixes, which no weight "
+                     f"holds: it cannot be merged into the model; use `peftjax export` (HF PEFT "
+                     f"format) instead")
+  model, params, tok = _load_model(run)
+  tuned = _restored(run, adapter, params, model)
+  path = export_merged(tuned, model, a.out, tokenizer=tok,
+                       dtype=None if a.dtype is None else jnp.dtype(a.dtype))
+  print(f"wrote the merged model ({run['model']} + {run['method']}) to {path}")
+  return path
+
+
+def cmd_export(a):
+  from peftjax.io.hf_peft import save_hf_peft
+  run, adapter = _read_run(a.adapter)
+  model, params, tok = _load_model(run)
+  tuned = _restored(run, adapter, params, model)
+  head = {}
+  if run["kind"] == "classification":
+    # The trained head is HF PEFT's modules_to_save: written beside the adapter, as plain weights.
+    from peftjax._src import targeting
+    inner = tuned["params"] if isinstance(tuned, dict) and "params" in tuned and len(tuned) > 1 \
+        else tuned
+    pat = re.compile(HEAD_TARGETS)
+    head = {p: peftjax.merge(x) for p, x in targeting.leaves_with_paths(inner)
+            if pat.fullmatch(p) and peftjax.is_node(x)}
+    inner = targeting.map_selected(lambda p, x: head[p], inner, set(head))
+    tuned = {**tuned, "params": inner} if inner is not tuned and isinstance(tuned, dict) and \
+        "params" in tuned and len(tuned) > 1 else inner
+  path = save_hf_peft(tuned, a.out, base_model_name_or_path=run["model"])
+  if head:
+    _add_modules_to_save(path, head)
+  print(f"wrote the HF PEFT adapter ({run['method']}) to {path}")
+  return path
+
+
+def _add_modules_to_save(path: Path, head: dict):
+  """Adds the classification head to an HF PEFT directory as ``modules_to_save``."""
+  from safetensors.numpy import load_file, save_file
+  from peftjax.io.hf_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX
+  weights = load_file(path / ADAPTER_WEIGHTS)
+  modules = set()
+  for p, x in head.items():
+    comps = p.split("/")
+    module, leaf = ".".join(comps[:-1]), comps[-1]
+    x = np.asarray(jax.device_get(x))
+    name = {"kernel": "weight"}.get(leaf, leaf)
+    weights[f"{KEY_PREFIX}{module}.{name}"] = np.ascontiguousarray(x.T if leaf == "kernel" else x)
+    modules.add(comps[0])
+  save_file(weights, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+  cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+  cfg["modules_to_save"] = sorted(modules)
+  (path / ADAPTER_CONFIG).write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# generate / methods / main
+# ------------------------------------------------------------------------------------------------
 
 def cmd_generate(a):
   from peftjax import tasks
@@ -220,30 +729,74 @@ def cmd_generate(a):
 
 
 def cmd_methods(a):
-  for name, (_, desc) in sorted(METHODS.items()):
-    print(f"{name:10s} {desc}")
+  for name, spec in METHODS.items():
+    opts = " ".join(_OPTION_FLAG[d] for d in spec.options)
+    print(f"{name:12s} {spec.description}" + (f"  [{opts}]" if opts else ""))
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(prog="peftjax", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = ap.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+  """The ``peftjax`` argument parser (subcommands train, eval, merge, export, generate, methods)."""
+  ap = _Parser(prog="peftjax", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
   p = sub.add_parser("train", help="fine-tune a model with a PEFT method and compare to the base",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     description="Fine-tune a model with one PEFT method; compare to the base.",
+                     epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   _add_train_args(p)
+  p = sub.add_parser("eval", help="evaluate a base model, or base + a trained adapter",
+                     description="Evaluate a base model, or base + the adapter of a train --out "
+                                 "directory, on a dataset; prints a table.",
+                     epilog="examples:\n  peftjax eval --adapter run/\n"
+                            "  peftjax eval --adapter run/ --eval-data other.csv\n"
+                            "  peftjax eval --model minilm --data rotten_tomatoes --eval-limit 256",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--adapter", default=None, help="a `peftjax train --out` directory")
+  _add_data_args(p, train=False)
+  p = sub.add_parser("merge", help="fold an adapter into its base: an HF model directory",
+                     epilog="example:\n  peftjax merge --adapter run/ --out merged/",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--adapter", required=True, help="a `peftjax train --out` directory")
+  p.add_argument("--out", required=True, help="output directory (config.json + safetensors)")
+  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                 help="dtype of the written weights (default: each parameter's)")
+  p = sub.add_parser("export", help="write an adapter in Hugging Face PEFT format",
+                     epilog="example:\n  peftjax export --adapter run/ --out hf_adapter/\n"
+                            "  # PyTorch: peft.PeftModel.from_pretrained(model, 'hf_adapter/')",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--adapter", required=True, help="a `peftjax train --out` directory")
+  p.add_argument("--out", required=True, help="output directory (adapter_config.json + "
+                                              "adapter_model.safetensors)")
   p = sub.add_parser("generate", help="generate text with a decoder")
   p.add_argument("--model", default="smollm2")
   p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=48)
-  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--max-new-tokens", type=_pos_int, default=48)
+  p.add_argument("--temperature", type=_nonneg_float, default=0.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--raw", action="store_true", help="do not apply the chat template")
   sub.add_parser("methods", help="list the PEFT methods")
-  a = ap.parse_args(argv)
+  return ap
+
+
+_COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
+             "generate": cmd_generate, "methods": cmd_methods}
+
+
+def main(argv=None) -> int:
+  """Runs the command line; returns the exit code (0, or 2 for user errors)."""
+  ap = build_parser()
+  cmd = "peftjax"
   try:
-    {"train": cmd_train, "generate": cmd_generate, "methods": cmd_methods}[a.cmd](a)
+    a = ap.parse_args(argv)
+    cmd = f"peftjax {a.cmd}"
+    _COMMANDS[a.cmd](a)
+  except _UsageError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  except SystemExit as e:  # --help
+    return e.code if isinstance(e.code, int) else 0
   except (ValueError, TypeError, FileNotFoundError) as e:
-    print(f"peftjax {a.cmd}: error: {e}", file=sys.stderr)
+    msg = str(e).strip().replace("\n", " ")
+    print(f"{cmd}: error: {msg}", file=sys.stderr)
     return 2
   return 0
 

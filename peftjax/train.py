@@ -5,8 +5,12 @@ The loop is generic: give it a loss ``loss_fn(params, batch, key) -> (loss, metr
 it trains ``split(params)[0]`` with ``peftjax.optimizer``, keeping the frozen part out of the
 gradient by construction. Features: gradient accumulation (``lax.scan`` over micro-batches),
 optax schedules (warmup + cosine/linear/constant) and global-norm clipping, evaluation every N
-steps, a progress bar (loss, tokens/s, ETA), metrics as JSON lines, and data parallelism over all
-visible devices (the batch is sharded on a ``data`` mesh axis; parameters replicated).
+steps, a progress bar (loss, tokens/s, ETA), metrics as JSON lines (and TensorBoard scalars when
+``tensorboardX``, ``torch.utils.tensorboard`` or ``tensorflow`` is installed), checkpoints that
+resume exactly (trainable state, optimizer state, PRNG key, step and the data loader's position,
+through :class:`peftjax.io.checkpoint.TrainCheckpointer`), and sharding over all visible devices:
+data parallel (``sharding="dp"``: the batch split over devices, parameters replicated) or FSDP
+(``"fsdp"``: parameters and optimizer state split by :mod:`peftjax.models.sharding`'s rules too).
 
 >>> import jax, jax.numpy as jnp, numpy as np, peftjax
 >>> from peftjax.train import TrainConfig, train
@@ -53,11 +57,16 @@ class TrainConfig:
   eval_every: int = 0                # 0: evaluate only at the end (if eval data is given)
   log_every: int = 10
   seed: int = 0
-  out_dir: Optional[str] = None      # metrics.jsonl (and checkpoints) go here
+  out_dir: Optional[str] = None      # metrics.jsonl (and TensorBoard events) go here
   progress: bool = True
+  sharding: Optional[str] = None     # "dp" | "fsdp" | None (dp when there are several devices)
+  checkpoint_dir: Optional[str] = None  # save here; resume from the latest checkpoint here
+  save_every: int = 100              # checkpoint every N steps (and at the last step)
+  keep_checkpoints: int = 2
+  tensorboard: bool = True           # write scalars to out_dir when a writer is importable
 
   def __post_init__(self):
-    for name in ("steps", "grad_accum", "log_every"):
+    for name in ("steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
       v = getattr(self, name)
       if not isinstance(v, int) or v <= 0:
         raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
@@ -68,6 +77,8 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate!r}")
     if self.warmup_steps < 0 or self.warmup_steps >= self.steps and self.warmup_steps:
       raise ValueError(f"TrainConfig.warmup_steps must be in [0, steps), got {self.warmup_steps}")
+    if self.sharding not in (None, "dp", "fsdp"):
+      raise ValueError(f"TrainConfig.sharding must be 'dp', 'fsdp' or None, got {self.sharding!r}")
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -105,6 +116,7 @@ class TrainResult(NamedTuple):
   state: TrainState
   history: list          # one dict per logged step
   eval_metrics: dict     # last evaluation
+  start_step: int = 0    # the step this call started from (> 0 when resumed)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1):
@@ -146,12 +158,42 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_ac
   return step
 
 
-def _data_sharding():
+class _Placement(NamedTuple):
+  mesh: Any
+  batch: Any            # NamedSharding of batch-major arrays
+  fsdp: bool
+
+
+def _placement(mode: Optional[str]) -> Optional[_Placement]:
+  """The mesh over all devices for ``mode`` (None with one device and no explicit mode)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from peftjax.models.sharding import make_mesh
   devices = jax.devices()
   if len(devices) == 1:
     return None
-  mesh = jax.make_mesh((len(devices),), ("data",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  mesh = make_mesh(fsdp=-1) if mode == "fsdp" else make_mesh(data=-1, fsdp=1)
+  return _Placement(mesh, NamedSharding(mesh, P(("data", "fsdp"))), mode == "fsdp")
+
+
+def _place_params(tree, placement: Optional[_Placement]):
+  if placement is None:
+    return tree
+  if placement.fsdp:
+    from peftjax.models.sharding import shard_params
+    return shard_params(tree, placement.mesh)
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  return jax.device_put(tree, NamedSharding(placement.mesh, P()))
+
+
+def _like(tree, template):
+  """``tree``'s arrays placed as ``template``'s (same structure)."""
+  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if isinstance(t, jax.Array)
+                      else x, tree, template)
+
+
+def _data_sharding():
+  p = _placement("dp")
+  return None if p is None else p.batch
 
 
 def _put_batch(batch, sharding):
@@ -162,6 +204,56 @@ def _put_batch(batch, sharding):
     if np.shape(x)[0] % n:
       raise ValueError(f"batch size {np.shape(x)[0]} is not divisible by the {n} devices")
   return jax.device_put(batch, sharding)
+
+
+def _tensorboard(out_dir: str):
+  """A ``add_scalar(tag, value, step)``/``close()`` writer, or None if none is importable."""
+  import importlib.util
+  try:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(out_dir)
+  except ImportError:
+    pass
+  if importlib.util.find_spec("tensorboard") is not None:
+    try:
+      from torch.utils.tensorboard import SummaryWriter
+      return SummaryWriter(out_dir)
+    except ImportError:
+      pass
+  if importlib.util.find_spec("tensorflow") is not None:
+    try:
+      import tensorflow as tf
+    except ImportError:
+      return None
+    writer = tf.summary.create_file_writer(out_dir)
+
+    class _TF:
+      def add_scalar(self, tag, value, step):
+        with writer.as_default():
+          tf.summary.scalar(tag, value, step=step)
+
+      def close(self):
+        writer.close()
+    return _TF()
+  return None
+
+
+def _data_position(data, step: int):
+  if hasattr(data, "state") and hasattr(data, "restore"):
+    return {"loader": data.state()}
+  return {"batches": step}
+
+
+def _restore_data(data, position, step: int):
+  if isinstance(position, dict) and "loader" in position:
+    if not hasattr(data, "restore"):
+      raise ValueError("the checkpoint holds a loader position, but the data iterator has no "
+                       "restore(); pass the same kind of loader (peftjax.data.*Loader)")
+    data.restore(position["loader"])
+    return
+  n = position.get("batches", step) if isinstance(position, dict) else step
+  for _ in range(n):  # a plain iterator: skip what the interrupted run consumed
+    next(data)
 
 
 def evaluate(metric_fn: Callable, params, batches: Iterable[dict]) -> dict:
@@ -200,28 +292,60 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
     config: :class:`TrainConfig`.
     eval_fn: ``(params, batch) -> {name: (sum, count)}`` (see :func:`evaluate`).
     eval_data: a callable returning a fresh iterable of evaluation batches.
-    state: a :class:`TrainState` to resume from (e.g. restored from a checkpoint).
-    on_step: called after every step with the new state and its metrics (host values), e.g. to
-      checkpoint.
+    state: a :class:`TrainState` to start from (otherwise a fresh one, or the latest checkpoint
+      in ``config.checkpoint_dir``).
+    on_step: called after every step with the new state and its metrics (host values).
+
+  With ``config.checkpoint_dir``, the training state is saved every ``config.save_every`` steps
+  and at the end (:class:`peftjax.io.checkpoint.TrainCheckpointer`: trainable leaves, optimizer
+  state, PRNG key, step and the data position: ``data.state()`` for the loaders of
+  :mod:`peftjax.data`, else the number of batches taken); if the directory already holds a
+  checkpoint, training resumes from it (``data.restore(...)``, or skipping that many batches of a
+  plain iterator) and continues exactly as the uninterrupted run would have.
 
   Returns:
     :class:`TrainResult` with the trained full tree, the final state, the logged history and
     the last evaluation.
   """
   tx = make_optimizer(config, params)
-  trainable, frozen = split(params)
-  if state is None:
+  placement = _placement(config.sharding)
+  ckpt = None
+  if config.checkpoint_dir:
+    from peftjax.io.checkpoint import TrainCheckpointer
+    ckpt = TrainCheckpointer(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
+  try:
+    return _train(loss_fn, params, data, config, tx, placement, ckpt, eval_fn, eval_data, state,
+                  on_step)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+
+
+def _train(loss_fn, params, data, config, tx, placement, ckpt, eval_fn, eval_data, state,
+           on_step) -> TrainResult:
+  trainable, frozen = split(_place_params(params, placement))
+  if state is None and ckpt is not None and ckpt.latest_step() is not None:
+    template = tx.init(trainable)
+    saved = ckpt.restore(params, template)
+    trainable = split(_place_params(saved.params, placement))[0]
+    state = TrainState(jnp.asarray(saved.step, jnp.int32), trainable,
+                       _like(saved.opt_state, template), saved.rng)
+    _restore_data(data, saved.data_position, saved.step)
+    print(f"resuming from step {saved.step} ({ckpt.directory})", file=sys.stderr)
+  elif state is None:
     # The step donates its state; copy so the caller's arrays (shared with other trees) survive.
     trainable = jax.tree.map(jnp.copy, trainable)
     state = TrainState(jnp.asarray(0, jnp.int32), trainable, tx.init(trainable),
                        jax.random.key(config.seed))
   step_fn = jax.jit(make_train_step(loss_fn, tx, config.grad_accum), donate_argnums=(0,))
-  sharding = _data_sharding()
+  sharding = placement.batch if placement is not None else None
   history, eval_metrics = [], {}
-  log_file = None
+  log_file = writer = None
   if config.out_dir:
     os.makedirs(config.out_dir, exist_ok=True)
     log_file = open(os.path.join(config.out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    if config.tensorboard:
+      writer = _tensorboard(config.out_dir)
   bar = None
   start = int(state.step)
   if config.progress:
@@ -235,6 +359,16 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
     if log_file:
       log_file.write(json.dumps(record) + "\n")
       log_file.flush()
+    if writer is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          writer.add_scalar(k if k.startswith("eval_") else f"train/{k}", v, record["step"])
+
+  def save(step):
+    # Copies: the next step donates the state's buffers while an async save may still read them.
+    tree = jax.tree.map(jnp.copy, combine(state.trainable, frozen))
+    ckpt.save(step, tree, jax.tree.map(jnp.copy, state.opt_state), rng=jnp.copy(state.key),
+              data_position=_data_position(data, step))
 
   try:
     for i in range(start, config.steps):
@@ -242,6 +376,8 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
       tokens += _tokens_in(batch)
       state, metrics = step_fn(state, frozen, _put_batch(batch, sharding))
       step = i + 1
+      if ckpt is not None and (step % config.save_every == 0 or step == config.steps):
+        save(step)
       if on_step is not None or step % config.log_every == 0 or step == config.steps or step == 1:
         host = {k: float(v) for k, v in metrics.items()}
         elapsed = time.perf_counter() - t0
@@ -267,4 +403,6 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
       bar.close()
     if log_file:
       log_file.close()
-  return TrainResult(combine(state.trainable, frozen), state, history, eval_metrics)
+    if writer is not None:
+      writer.close()
+  return TrainResult(combine(state.trainable, frozen), state, history, eval_metrics, start)
