@@ -1,6 +1,7 @@
 # One command sets everything up and runs the job; one sets everything up and runs the tests.
 #   make demo    # main job
 #   make test    # whole test suite
+#   make experiments  # every method side by side on real models + data (results in experiments/results/)
 # Needs only Python 3.11 (python3.11 or python3), git and make. Everything else goes into .venv.
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo quickstart test bench clean
+.PHONY: setup demo quickstart test bench experiments clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_step.py
+
+# Both comparison tables (one process per method); about an hour on 2 quiet CPU cores, minutes on
+# a GPU. Pass e.g. EXP_ARGS="--steps 300" to train longer.
+experiments: $(STAMP)
+	$(PY) -m pip install -q -e '.[experiments]'
+	$(PY) experiments/param_counts.py
+	$(PY) experiments/compare_classification.py $(EXP_ARGS)
+	$(PY) experiments/compare_lm.py $(EXP_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

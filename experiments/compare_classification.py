@@ -1,99 +1,210 @@
 """Every method on all-MiniLM-L6-v2 + rotten-tomatoes sentiment (fresh vs rotten), side by side.
 
-For full fine-tuning and each PEFT method of ``peftjax.cli.METHODS`` (with the classification head
-trained too, as HF PEFT's ``modules_to_save``): trainable parameters (count and %), seconds per
-step, peak memory of the process, test accuracy, and accuracy as a percentage of full
-fine-tuning. Writes ``results/compare_classification.md`` and ``.png``.
+Full fine-tuning and each PEFT method of ``peftjax methods`` (the classification head trains too,
+as HF PEFT's ``modules_to_save``), each as one ``peftjax train --model minilm --data
+rotten_tomatoes`` in its own process (so peak memory is per method), with the method's learning
+rate passed as ``--lr``: trainable parameters (count and %), seconds per step, peak memory of the
+process, accuracy on the whole held-out test split, and accuracy as a percentage of full
+fine-tuning. Writes ``results/compare_classification.md``, ``.json`` and two ``.png`` plots.
 
-    python experiments/compare_classification.py [--steps 300] [--methods lora,ia3,...]
-
-Each method runs in its own process so peak memory is per method.
+    python experiments/compare_classification.py [--steps 100] [--methods lora,ia3,...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import re
-import subprocess
 import sys
-import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT = ["full", "lora", "qlora", "ia3", "adapter", "bitfit", "partial"]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _runner  # noqa: E402
 
-
-def run_one(method: str, steps: int, batch: int, eval_limit: int) -> dict:
-  out = tempfile.mkdtemp(prefix=f"peftjax-{method}-")
-  cmd = [sys.executable, "-c",
-         "import resource, sys, json; from peftjax.cli import main; rc = main(sys.argv[1:]); "
-         "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); "
-         "sys.exit(rc)",
-         "train", "--model", "minilm", "--method", method, "--data", "rotten_tomatoes",
-         "--steps", str(steps), "--batch-size", str(batch), "--eval-limit", str(eval_limit),
-         "--no-baseline", "--out", out]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-  if proc.returncode != 0:
-    return {"method": method, "error": proc.stderr[-800:]}
-  rows = json.loads(pathlib.Path(out, "results.json").read_text())["rows"]
-  peak = float(re.search(r"PEAK_RSS_MB ([\d.]+)", proc.stdout).group(1))
-  r = rows[-1]
-  return {"method": method, "trainable": int(r["trainable"].replace(",", "")),
-          "trainable %": float(r["trainable %"]), "accuracy": float(r["test accuracy"][:-1]),
-          "s/step": float(r["s/step"]), "peak RSS MB": peak,
-          "base accuracy": float(rows[0]["test accuracy"][:-1])}
+#: name -> (method, extra options, learning rate, why that learning rate)
+METHODS = {
+    "full": ("full", [], 5e-5, "BERT fine-tuning practice (Devlin et al.: 2e-5 to 5e-5)"),
+    "lora": ("lora", ["--rank", "8", "--alpha", "16"], 1e-3, "LoRA on encoders: 5e-4 to 1e-3 "
+             "(Hu et al.)"),
+    "qlora": ("qlora", ["--rank", "8", "--alpha", "16"], 1e-3, "as LoRA"),
+    "adapter-houlsby": ("adapter", ["--placement", "houlsby", "--bottleneck", "64"], 1e-3,
+                        "Houlsby et al.: 1e-4 to 1e-3; the top of the range for a short run"),
+    "adapter-pfeiffer": ("adapter", ["--placement", "pfeiffer", "--bottleneck", "64"], 1e-3,
+                         "as Houlsby"),
+    "ia3": ("ia3", [], 1e-2, "scaling vectors need a large lr (IA3: 3e-3 for T0; 1e-2 for a "
+            "short run)"),
+    "bitfit": ("bitfit", [], 1e-3, "Ben Zaken et al.: 1e-4 to 1e-3"),
+    "partial": ("partial", ["--top-layers", "2"], 5e-5, "the top layers train fully: as full "
+                "fine-tuning"),
+    "diffpruning": ("diffpruning", ["--density", "0.005"], 1e-3, "the command's default"),
+    "prompt": ("prompt", ["--n-tokens", "20"], 3e-2, "prompt tuning needs a large lr (Lester "
+               "et al. 0.3 with Adafactor; 3e-2 with Adam)"),
+    "prefix": ("prefix", ["--n-tokens", "20"], 1e-2, "prefix tuning: P-tuning v2 uses 5e-3 to "
+               "1e-2"),
+    "ptuning": ("ptuning", ["--n-tokens", "20", "--encoder", "mlp"], 1e-2, "as prompt tuning "
+                "(the MLP encoder is trained, not the tokens)"),
+}
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--steps", type=int, default=300)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--steps", type=int, default=100)
   ap.add_argument("--batch-size", type=int, default=32)
+  ap.add_argument("--seq-len", type=int, default=64)
   ap.add_argument("--eval-limit", type=int, default=0, help="0 = the whole test split")
-  ap.add_argument("--methods", default=",".join(DEFAULT))
-  ap.add_argument("--out", default=str(ROOT / "results"))
+  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--out", default=str(_runner.RESULTS))
   a = ap.parse_args(argv)
-  results = []
-  for m in a.methods.split(","):
-    print(f"== {m}", flush=True)
-    r = run_one(m, a.steps, a.batch_size, a.eval_limit)
-    print(r, flush=True)
+  out = pathlib.Path(a.out)
+  names = [m for m in a.methods.split(",") if m]
+  for n in names:
+    if n not in METHODS:
+      ap.error(f"unknown method {n!r}; choose from {', '.join(METHODS)}")
+  help_text = _runner.cli_options()
+  info = _runner.machine()
+  results, base = [], None
+  for n in names:
+    method, extra, lr, _ = METHODS[n]
+    if f"{{{method}" not in help_text and f",{method}" not in help_text:
+      results.append({"name": n, "error": f"this peftjax has no --method {method}"})
+      continue
+    args = ["--model", "minilm", "--data", "rotten_tomatoes", "--method", method, "--steps",
+            str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
+            "--eval-limit", str(a.eval_limit), "--no-baseline", "--lr", f"{lr:g}", *extra]
+    if "--save-every" in help_text:
+      args += ["--save-every", str(a.steps)]
+    print(f"== {n}: peftjax train {' '.join(args)}", flush=True)
+    r = _runner.run_method(n, args, base_metrics=base,
+                           log_dir=out / "logs" / "compare_classification")
+    r["lr"] = lr
+    if base is None and r.get("base_metrics"):
+      base = r["base_metrics"]
+    print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)
     results.append(r)
-  full = next((r["accuracy"] for r in results if r["method"] == "full" and "accuracy" in r), None)
-  lines = ["| method | trainable | trainable % | s/step | peak RSS (MB) | test accuracy | % of full FT |",
-           "|---|---|---|---|---|---|---|"]
+    write(out, a, info, results, base)
+  write(out, a, info, results, base, final=True)
+
+
+def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | None,
+          final: bool = False):
+  info = {**info, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+  for r in results:
+    if "error" not in r:
+      r["accuracy"] = float(r["row"]["test accuracy"].rstrip("%"))
+      r["test_loss"] = float(r["row"]["test loss"])
+  full = next((r["accuracy"] for r in results if r["name"] == "full" and "accuracy" in r), None)
+  rows = [["base model, untrained head", "0", "0", "-", "-", "-",
+           f"{100 * base['accuracy']:.2f}%" if base else "-",
+           f"{base['accuracy'] * 100 / full * 100:.1f}%" if base and full else "-"]]
   for r in results:
     if "error" in r:
-      lines.append(f"| {r['method']} | failed: {r['error'].splitlines()[-1][:80]} | | | | | |")
+      rows.append([r["name"], f"failed: {r['error'][:120]}", "", "", "", "", "", ""])
       continue
-    rel = f"{100 * r['accuracy'] / full:.1f}%" if full else "-"
-    lines.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable %']:.3f} | {r['s/step']:.3f} "
-                 f"| {r['peak RSS MB']:.0f} | {r['accuracy']:.2f}% | {rel} |")
-  base = next((r["base accuracy"] for r in results if "base accuracy" in r), None)
-  text = (f"all-MiniLM-L6-v2, rotten tomatoes (fresh vs rotten), {a.steps} steps of batch "
-          f"{a.batch_size}; base model with an untrained head: {base}% test accuracy.\n\n"
-          + "\n".join(lines) + "\n")
-  os.makedirs(a.out, exist_ok=True)
-  pathlib.Path(a.out, "compare_classification.md").write_text(text)
-  print(text)
+    r["pct_of_full"] = 100 * r["accuracy"] / full if full else None
+    rows.append([r["name"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}", f"{r['lr']:g}",
+                 f"{r['s_per_step']:.3f}" if r.get("s_per_step") else "-",
+                 f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "-",
+                 f"{r['accuracy']:.2f}%",
+                 f"{r['pct_of_full']:.1f}%" if r.get("pct_of_full") else "-"])
+  header = ["method", "trainable", "trainable %", "lr", "s/step", "peak RSS (MB)",
+            "test accuracy", "% of full FT"]
+  n_test = None
+  if base:
+    n_test = "all"
+  dp = next((r for r in results if r.get("diffpruning_open_pct") is not None), None)
+  md = [
+      "# all-MiniLM-L6-v2 on rotten tomatoes: every method side by side",
+      "",
+      f"`python experiments/compare_classification.py --steps {a.steps} --batch-size "
+      f"{a.batch_size} --seq-len {a.seq_len}` ({'complete' if final else 'in progress'}): "
+      f"all-MiniLM-L6-v2 (22.7M parameters) with a new 2-class head, {a.steps} steps of "
+      f"{a.batch_size} sentences (at most {a.seq_len} tokens; AdamW, 20 warmup steps, cosine "
+      f"decay, clip 1.0) on the training split of the rotten-tomatoes fresh-vs-rotten sentences, "
+      f"then accuracy on the "
+      + ("whole held-out test split (2,562 sentences)" if a.eval_limit == 0
+         else f"first {a.eval_limit} held-out test sentences")
+      + ". The head (770 parameters) trains with every method and is counted. Each method ran in "
+      "its own process (`peftjax train --model minilm --data rotten_tomatoes --method M --lr LR "
+      "--no-baseline ...`).",
+      "",
+      _runner.table(header, rows),
+      "",
+      "- *s/step*: median over 10-step intervals after step 10 (compilation and evaluation "
+      "excluded). *peak RSS*: the whole process (loading, training, evaluation, saving). The "
+      "base row was evaluated once, in the first process, and reused.",
+      "- *lr*: per method (see `compare_classification.json` for the reason behind each); the "
+      "head trains at the method's lr. One seed, one run per method: differences of about 1 "
+      "point are within run-to-run noise.",
+      "- LoRA/QLoRA r=8, alpha=16 on all linear layers; adapters bottleneck 64 (Houlsby: after "
+      "attention output and FFN; Pfeiffer: FFN only); IA3 on keys, values and FFN; BitFit all "
+      "biases; partial: top 2 of 6 layers; prompt/prefix/P-tuning 20 virtual tokens (prefix "
+      "through the reparameterization MLP, P-tuning through an MLP encoder)."
+      + (f" DiffPruning: target density 0.5%; {dp['diffpruning_open_pct']:.3f}% of the gates "
+         f"open at the end, trainable counts the dense difference and its gate logits."
+         if dp else ""),
+      f"- Machine: {info.get('cpus')} CPUs, {info.get('backend')}, jax {info.get('jax')}. "
+      + _runner.load_note(results, info.get("cpus")),
+      "",
+      "![accuracy vs trainable parameters](compare_classification.png)",
+      "",
+      "![step time and peak memory](compare_classification_cost.png)",
+      ""]
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "compare_classification.md").write_text("\n".join(md))
+  _runner.save_json(out / "compare_classification.json", {
+      "experiment": "compare_classification", "complete": final, "steps": a.steps,
+      "batch_size": a.batch_size, "seq_len": a.seq_len, "eval_limit": a.eval_limit,
+      "machine": info, "base": base, "full_ft_accuracy": full,
+      "methods": {n: {"method": m, "options": e, "lr": lr, "why": w}
+                  for n, (m, e, lr, w) in METHODS.items()},
+      "results": results})
+  if final:
+    print("\n".join(md))
+    plot(out, results, base, full)
+
+
+def plot(out: pathlib.Path, results: list[dict], base, full):
   try:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ok = [r for r in results if "error" not in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([max(r["trainable"], 1) for r in ok], [r["accuracy"] for r in ok])
-    for r in ok:
-      ax.annotate(r["method"], (max(r["trainable"], 1), r["accuracy"]))
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM on rotten tomatoes")
-    fig.tight_layout()
-    fig.savefig(pathlib.Path(a.out, "compare_classification.png"), dpi=120)
   except ImportError:
-    print("matplotlib not installed: no plot")
+    print("matplotlib is not installed: no plots (pip install -e '.[experiments]')")
+    return
+  ok = [r for r in results if "error" not in r]
+  if not ok:
+    return
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  for r in ok:
+    ax.scatter(r["trainable"], r["accuracy"])
+    ax.annotate(r["name"], (r["trainable"], r["accuracy"]), textcoords="offset points",
+                xytext=(4, 3), fontsize=8)
+  if base:
+    ax.axhline(100 * base["accuracy"], color="gray", ls=":", lw=1, label="base, untrained head")
+  if full:
+    ax.axhline(full, color="gray", ls="--", lw=1, label="full fine-tuning")
+  ax.legend(loc="lower right")
+  ax.set_xscale("log")
+  ax.set_xlabel("trainable parameters (log; the 770-parameter head included)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("all-MiniLM-L6-v2 on rotten tomatoes")
+  fig.tight_layout()
+  fig.savefig(out / "compare_classification.png", dpi=110)
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+  names = [r["name"] for r in ok]
+  axes[0].bar(names, [r.get("s_per_step") or 0 for r in ok], color="tab:orange")
+  axes[0].set_ylabel("seconds per step")
+  axes[0].set_title("step time (batch 32)")
+  axes[1].bar(names, [r.get("peak_rss_mb") or 0 for r in ok], color="tab:green")
+  axes[1].set_ylabel("peak RSS (MB)")
+  axes[1].set_title("peak process memory")
+  for ax in axes:
+    ax.tick_params(axis="x", rotation=45)
+  fig.tight_layout()
+  fig.savefig(out / "compare_classification_cost.png", dpi=110)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""Shared by the comparison experiments: one ``peftjax train`` per method, each in its own process.
+
+Each run is the real command line (``python -m peftjax.cli train ... --out DIR``) inside a small
+wrapper that adds two things the command does not report by itself:
+
+* the process's peak resident memory (``ru_maxrss``: model loading, training and evaluation);
+* the base model's metrics, printed once, so later runs can reuse them instead of evaluating the
+  same frozen base model again (``PEFTJAX_EXP_BASE``: the wrapper answers the command's first
+  ``evaluate`` call, which is the base-model row, with those numbers).
+
+Seconds per step come from ``DIR/metrics.jsonl`` (elapsed time logged every 10 steps): the median
+over the 10-step intervals after step 10, so compilation (first step, and a second length bucket
+compiled later) and the final evaluation are not counted. The command's own ``s/step`` column
+(wall time of ``train()``, compilation and final evaluation included) is kept as ``s/step (cli)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+
+_WRAPPER = r"""
+import json, os, resource, sys
+import peftjax.cli as cli
+_orig = cli.evaluate
+_base = os.environ.get("PEFTJAX_EXP_BASE")
+def _first(*a, **k):
+  cli.evaluate = _orig
+  if _base:
+    return json.loads(_base)
+  m = _orig(*a, **k)
+  print("BASE_METRICS " + json.dumps({k: float(v) for k, v in m.items()}), flush=True)
+  return m
+cli.evaluate = _first
+rc = cli.main(sys.argv[1:])
+print("PEAK_RSS_MB %.1f" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
+try:  # accelerators: the device's own peak (None on CPU)
+  import jax
+  st = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in st:
+    print("PEAK_DEVICE_MB %.1f" % (st["peak_bytes_in_use"] / 2**20), flush=True)
+except Exception:
+  pass
+sys.exit(rc)
+"""
+
+
+def cli_options() -> str:
+  """``peftjax train --help`` (to pass options only where this version has them)."""
+  return subprocess.run([sys.executable, "-m", "peftjax.cli", "train", "--help"],
+                        capture_output=True, text=True, cwd=ROOT).stdout
+
+
+def step_seconds(metrics_jsonl: pathlib.Path) -> dict:
+  recs = [json.loads(l) for l in metrics_jsonl.read_text().splitlines() if l.strip()]
+  recs = [r for r in recs if "elapsed_s" in r]
+  per = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+         for a, b in zip(recs, recs[1:]) if a["step"] >= 10 and b["step"] > a["step"]]
+  out = {"first_step_s": recs[0]["elapsed_s"] if recs else None,
+         "train_loop_s": recs[-1]["elapsed_s"] if recs else None}
+  out["s_per_step"] = statistics.median(per) if per else None
+  out["s_per_step_min"] = min(per) if per else None
+  out["loss_first"] = recs[0].get("loss") if recs else None
+  out["loss_last"] = recs[-1].get("loss") if recs else None
+  return out
+
+
+def run_method(name: str, args: list[str], *, base_metrics: dict | None = None,
+               log_dir: pathlib.Path | None = None) -> dict:
+  """Runs ``peftjax train`` with ``args`` in a fresh process; returns what it measured."""
+  out = pathlib.Path(tempfile.mkdtemp(prefix=f"peftjax-exp-{name}-"))
+  cmd = [sys.executable, "-c", _WRAPPER, "train", *args, "--out", str(out)]
+  env = dict(os.environ)
+  if base_metrics:
+    env["PEFTJAX_EXP_BASE"] = json.dumps(base_metrics)
+  load0 = os.getloadavg()
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+  wall = time.perf_counter() - t0
+  load1 = os.getloadavg()
+  if log_dir is not None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" +
+                                         re.sub(r"[^\n]*\r", "", proc.stderr))
+  r = {"name": name, "command": "peftjax train " + " ".join(args), "wall_s": round(wall, 1),
+       "loadavg_before": [round(x, 2) for x in load0],
+       "loadavg_after": [round(x, 2) for x in load1]}
+  if proc.returncode != 0 or not (out / "results.json").exists():
+    err = [l for l in proc.stderr.splitlines() if l.strip()]
+    r["error"] = (err[-1] if err else f"exit code {proc.returncode}")[:300]
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+  res = json.loads((out / "results.json").read_text())
+  rows = res["rows"]
+  m = re.search(r"PEAK_RSS_MB ([\d.]+)", proc.stdout)
+  r["peak_rss_mb"] = float(m.group(1)) if m else None
+  m = re.search(r"PEAK_DEVICE_MB ([\d.]+)", proc.stdout)
+  if m:
+    r["peak_device_mb"] = float(m.group(1))
+  m = re.search(r"BASE_METRICS (\{.*\})", proc.stdout)
+  r["base_metrics"] = json.loads(m.group(1)) if m else base_metrics
+  r["base_row"], r["row"] = rows[0], rows[-1]
+  r["trainable"] = int(rows[-1]["trainable"].replace(",", ""))
+  r["trainable_pct"] = float(rows[-1]["trainable %"])
+  r["s_per_step_cli"] = rows[-1].get("s/step")
+  r["lr"] = (res.get("args") or {}).get("lr")
+  r.update(step_seconds(out / "metrics.jsonl"))
+  m = re.search(r"open gates ([\d.]+)%", proc.stderr)
+  if m:
+    r["diffpruning_open_pct"] = float(m.group(1))
+  shutil.rmtree(out, ignore_errors=True)
+  return r
+
+
+def save_json(path: pathlib.Path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def machine() -> dict:
+  import platform
+  info = {"platform": platform.platform(), "python": platform.python_version(),
+          "cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+  try:
+    import jax
+    info["jax"] = jax.__version__
+    info["backend"] = jax.default_backend()
+    info["devices"] = [str(d) for d in jax.devices()]
+  except Exception as e:  # pragma: no cover - informational only
+    info["jax"] = f"unavailable: {e}"
+  return info
+
+
+def load_note(results: list[dict], cpus: int | None) -> str:
+  loads = [x for r in results for x in (r.get("loadavg_before", [None])[0],
+                                        r.get("loadavg_after", [None])[0]) if x is not None]
+  if not loads:
+    return ""
+  hi, mean = max(loads), sum(loads) / len(loads)
+  note = f"1-minute load average during the runs: mean {mean:.1f}, max {hi:.1f} on {cpus} CPUs."
+  if cpus and mean > 0.75 * cpus:
+    note += (" **Step times were measured on a shared machine** (other jobs were running, and "
+             "these runs were `nice -n 10`): they are comparable between rows only roughly, and "
+             "are slower than on a quiet machine.")
+  return note
+
+
+def table(header: list[str], rows: list[list]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
