@@ -223,10 +223,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _checked(kind: str, lo: float, lo_ok: bool, hi: Optional[float] = None):
+  """An argparse ``type``: an int/float ``>= lo`` (``> lo`` unless ``lo_ok``), ``< hi`` if given."""
   conv = int if kind == "int" else float
-  what = {("int", 0, False): "a positive integer", ("int", 0, True): "an integer >= 0",
-          ("float", 0, False): "a positive number", ("float", 0, True): "a number >= 0"}.get(
-              (kind, lo, lo_ok), f"a number in ({lo}, {hi})")
+  if hi is not None:
+    what = f"a number in {'[' if lo_ok else '('}{lo:g}, {hi:g})"
+  else:
+    what = {("int", False): "a positive integer", ("int", True): "an integer >= 0",
+            ("float", False): "a positive number", ("float", True): "a number >= 0"}[(kind, lo_ok)]
 
   def parse(text):
     try:

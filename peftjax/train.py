@@ -307,21 +307,45 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
     :class:`TrainResult` with the trained full tree, the final state, the logged history and
     the last evaluation.
   """
-  tx = make_optimizer(config, params)
+  tx, step_fn = _compiled_step(loss_fn, config, params)
   placement = _placement(config.sharding)
   ckpt = None
   if config.checkpoint_dir:
     from peftjax.io.checkpoint import TrainCheckpointer
     ckpt = TrainCheckpointer(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
   try:
-    return _train(loss_fn, params, data, config, tx, placement, ckpt, eval_fn, eval_data, state,
+    return _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_data, state,
                   on_step)
   finally:
     if ckpt is not None:
       ckpt.close()
 
 
-def _train(loss_fn, params, data, config, tx, placement, ckpt, eval_fn, eval_data, state,
+#: (loss_fn, optimizer settings, tree structure) -> (tx, jitted step): repeated ``train`` calls
+#: with the same loss and tree (a resumed run, a sweep over seeds) reuse the compiled step.
+_STEPS: dict = {}
+_STEPS_MAX = 8
+
+
+def _compiled_step(loss_fn, config: TrainConfig, params):
+  key = (loss_fn, config.steps, config.learning_rate, config.schedule, config.warmup_steps,
+         config.weight_decay, config.max_grad_norm, config.grad_accum,
+         jax.tree_util.tree_structure(params))
+  try:
+    hit = _STEPS.get(key)
+  except TypeError:  # an unhashable static field somewhere: no caching
+    hit, key = None, None
+  if hit is None:
+    tx = make_optimizer(config, params)
+    hit = (tx, jax.jit(make_train_step(loss_fn, tx, config.grad_accum), donate_argnums=(0,)))
+    if key is not None:
+      if len(_STEPS) >= _STEPS_MAX:
+        _STEPS.pop(next(iter(_STEPS)))
+      _STEPS[key] = hit
+  return hit
+
+
+def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_data, state,
            on_step) -> TrainResult:
   trainable, frozen = split(_place_params(params, placement))
   if state is None and ckpt is not None and ckpt.latest_step() is not None:
@@ -337,7 +361,6 @@ def _train(loss_fn, params, data, config, tx, placement, ckpt, eval_fn, eval_dat
     trainable = jax.tree.map(jnp.copy, trainable)
     state = TrainState(jnp.asarray(0, jnp.int32), trainable, tx.init(trainable),
                        jax.random.key(config.seed))
-  step_fn = jax.jit(make_train_step(loss_fn, tx, config.grad_accum), donate_argnums=(0,))
   sharding = placement.batch if placement is not None else None
   history, eval_metrics = [], {}
   log_file = writer = None
