@@ -254,9 +254,15 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
   if eval_limit:
     test_texts, test_y = test_texts[:eval_limit], test_y[:eval_limit]
   path = resolve_model(model)
-  m, params, tok = from_pretrained(path, task="sequence-classification", num_labels=len(names),
-                                   scan_layers=scan_layers, compute_dtype=compute_dtype,
-                                   key=jax.random.key(seed))
+  try:
+    m, params, tok = from_pretrained(path, task="sequence-classification", num_labels=len(names),
+                                     scan_layers=scan_layers, compute_dtype=compute_dtype,
+                                     key=jax.random.key(seed))
+  except ValueError as e:
+    if "not available" not in str(e):
+      raise
+    raise ValueError(f"model {model}: sentence classification needs an encoder (BERT family, e.g. "
+                     f"minilm); {e}") from None
   if tok is None:
     raise ValueError(f"{path} has no tokenizer")
   enc = lambda ts: tok(list(ts), truncation=True, max_length=max_len, padding=False)["input_ids"]
@@ -303,12 +309,16 @@ def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: i
       raise FileNotFoundError(f"data file {eval_data} does not exist")
     train_text, test_text = (train_text if dataset == "moby_dick" else raw,
                              Path(eval_data).read_text(encoding="utf-8"))
+  from peftjax.models import LlamaForCausalLM
   m, params, tok = from_pretrained(resolve_model(model), scan_layers=scan_layers,
                                    compute_dtype=compute_dtype, remat=remat)
+  if not isinstance(m, LlamaForCausalLM):
+    raise ValueError(f"model {model}: a {type(m).__name__} is not a decoder; language modelling "
+                     f"needs a causal LM (Llama family, e.g. smollm2)")
   if tok is None:
     raise ValueError("the model has no tokenizer")
-  train_ids = tok(train_text)["input_ids"]
-  test_ids = tok(test_text)["input_ids"]
+  train_ids = tok(train_text, verbose=False)["input_ids"]
+  test_ids = tok(test_text, verbose=False)["input_ids"]
   train_loader = data_lib.LMLoader(train_ids, seq_len=seq_len, batch_size=batch_size, seed=seed)
   test_loader = data_lib.LMLoader(test_ids[:eval_windows * (seq_len + 1)], seq_len=seq_len,
                                   batch_size=min(batch_size, eval_windows), shuffle=False)

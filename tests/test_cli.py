@@ -125,6 +125,11 @@ def test_data_file_errors(capsys, files):
   line = one_error(capsys, "train", "--model", files / "llama", "--data", files / "text.txt",
                    "--text-column", "review")
   assert "--text-column/--label-column apply to classification data files" in line
+  line = one_error(capsys, "train", "--model", bert, "--data", files / "text.txt")
+  assert "a BertModel is not a decoder; language modelling needs a causal LM" in line
+  line = one_error(capsys, "train", "--model", files / "llama", "--data", files / "reviews.csv",
+                   "--text-column", "review", "--label-column", "sentiment")
+  assert "sentence classification needs an encoder" in line
 
 
 # ------------------------------------------------------------------------------------------------
