@@ -292,12 +292,13 @@ def _add_method_options(p):
              (set(_methods_of(d)) <= set(methods) if methods else True)]
     if not dests:
       continue
-    g = p.add_argument_group(f"{title} options" if methods else "options of several methods",
-                             None if methods else "--targets: " + ", ".join(_methods_of("targets")))
+    g = p.add_argument_group(f"{title} options" if methods else "options of several methods")
     for flag, dest, kw, default, text in _METHOD_OPTIONS:
       if dest in dests:
-        shown = "" if default in (None, False) else f" (default: {default})"
-        g.add_argument(flag, dest=dest, default=None, help=text + shown, **kw)
+        shown = "" if default is None or default is False else f" (default: {default:g})" \
+            if isinstance(default, float) else f" (default: {default})"
+        g.add_argument(flag, dest=dest, default=None,
+                       help=f"{text}{shown} [{', '.join(_methods_of(dest))}]", **kw)
         done.add(dest)
 
 
@@ -666,23 +667,32 @@ def cmd_merge(a):
   return path
 
 
+#: methods :func:`peftjax.io.hf_peft.save_hf_peft` writes (QLoRA as its LoRA adapter).
+_HF_PEFT_METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "ptuning")
+
+
 def cmd_export(a):
   from peftjax.io.hf_peft import save_hf_peft
   run, adapter = _read_run(a.adapter)
+  if run["method"] not in _HF_PEFT_METHODS:
+    raise ValueError(f"--method {run['method']} has no Hugging Face PEFT format (export writes "
+                     f"{', '.join(_HF_PEFT_METHODS)}); `peftjax merge` writes the merged model")
   model, params, tok = _load_model(run)
   tuned = _restored(run, adapter, params, model)
   head = {}
   if run["kind"] == "classification":
     # The trained head is HF PEFT's modules_to_save: written beside the adapter, as plain weights.
     from peftjax._src import targeting
-    inner = tuned["params"] if isinstance(tuned, dict) and "params" in tuned and len(tuned) > 1 \
-        else tuned
+    slotted = run["method"] in ("prompt", "prefix", "ptuning")  # {"params": ..., slot: node}
+    inner = tuned["params"] if slotted else tuned
     pat = re.compile(HEAD_TARGETS)
     head = {p: peftjax.merge(x) for p, x in targeting.leaves_with_paths(inner)
             if pat.fullmatch(p) and peftjax.is_node(x)}
     inner = targeting.map_selected(lambda p, x: head[p], inner, set(head))
-    tuned = {**tuned, "params": inner} if inner is not tuned and isinstance(tuned, dict) and \
-        "params" in tuned and len(tuned) > 1 else inner
+    tuned = {**tuned, "params": inner} if slotted else inner
+  if run["method"] in ("prefix", "ptuning"):
+    # the training-time reparameterization (prefix MLP, prompt encoder) -> the plain prefix/prompt
+    tuned = peftjax.prefix.finalize(tuned)
   path = save_hf_peft(tuned, a.out, base_model_name_or_path=run["model"])
   if head:
     _add_modules_to_save(path, head)

@@ -115,6 +115,19 @@ def test_user_errors_are_one_line(capsys, argv, message):
   assert line.startswith(f"peftjax {argv[0]}: error: ") and message in line, line
 
 
+def test_export_and_merge_refuse_what_they_cannot_write(capsys, tmp_path):
+  for method in ("bitfit", "prompt"):
+    d = tmp_path / method
+    (d / "adapter" / "manifest").mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"method": method}))
+    if method == "bitfit":
+      line = one_error(capsys, "export", "--adapter", d, "--out", tmp_path / "x")
+      assert "--method bitfit has no Hugging Face PEFT format (export writes lora, qlora" in line
+    else:
+      line = one_error(capsys, "merge", "--adapter", d, "--out", tmp_path / "x")
+      assert "--method prompt adds soft tokens or prefixes" in line
+
+
 def test_data_file_errors(capsys, files):
   bert = files / "bert"
   line = one_error(capsys, "train", "--model", bert, "--data", files / "reviews.csv")
@@ -203,8 +216,6 @@ def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
   assert rc == 0, err
   cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
   assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 3
-  line = one_error(capsys, "merge", "--adapter", out, "--out", tmp_path / "m")
-  assert "--method prompt adds soft tokens or prefixes" in line
 
 
 def test_eval_base_model_on_a_file(capsys, files):
