@@ -331,8 +331,9 @@ def _add_data_args(p, *, train: bool):
                                                       "(default: label; strings or int ids)")
   p.add_argument("--seq-len", type=_pos_int, default=None,
                  help="max tokens per example / LM window (default: 64)")
-  p.add_argument("--eval-limit", type=_nonneg_int, default=1024,
-                 help="held-out examples (0 = all; default: 1024)")
+  p.add_argument("--eval-limit", type=_nonneg_int, default=1024 if train else None,
+                 help="held-out examples (0 = all; default: " +
+                      ("1024)" if train else "the run's, else 1024)"))
   p.add_argument("--batch-size", type=_pos_int, default=None, help="default: 32 (classification),"
                                                                     " 4 (language model)")
   p.add_argument("--seed", type=int, default=None, help="default: 0")
@@ -543,7 +544,7 @@ def cmd_train(a) -> dict:
   lm = run["kind"] == "lm"
   t0 = time.perf_counter()
   task = _load_task(run, eval_limit=a.eval_limit)
-  run["labels"] = task.labels
+  run["labels"], run["eval_limit"] = task.labels, a.eval_limit
   print(f"loaded {a.model} and {a.data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
   if a.out:
     os.makedirs(a.out, exist_ok=True)
@@ -628,7 +629,8 @@ def _eval_run(a) -> tuple[dict, Optional[Path]]:
 def cmd_eval(a) -> dict:
   run, adapter = _eval_run(a)
   lm = run["kind"] == "lm"
-  task = _load_task(run, eval_limit=a.eval_limit)
+  limit = a.eval_limit if a.eval_limit is not None else run.get("eval_limit", 1024)
+  task = _load_task(run, eval_limit=limit)
   if adapter is None:
     name, tree = "base model" + ("" if lm else " (untrained head)"), task.params
   else:

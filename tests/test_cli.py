@@ -34,8 +34,13 @@ def files(tmp_path_factory):
                               intermediate_size=32, max_position_embeddings=64))
   llama = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=16, intermediate_size=32,
                                        num_layers=1, num_heads=2, num_kv_heads=1))
+  rng = np.random.default_rng(0)
   for name, m in (("bert", bert), ("llama", llama)):
-    p = jax.jit(m.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    # random weights straight from the shapes: nothing to compile
+    shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    p = jax.tree_util.tree_map_with_path(
+        lambda path, s: (np.ones(s.shape, np.float32) if "scale" in jax.tree_util.keystr(path)
+                         else rng.normal(0, 0.1, s.shape).astype(np.float32)), shapes)
     save_pretrained(p, m, d / name, tokenizer=tok)
   rng = random.Random(0)
   words = "good great fine bad awful poor film plot acting story".split()
@@ -154,7 +159,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   data = ["--data", files / "reviews.csv", "--text-column", "review", "--label-column",
           "sentiment"]
   rc, stdout, err = run(capsys, "train", "--model", files / "bert", "--method", "lora",
-                        "--rank", "2", *data, "--steps", "2", "--batch-size", "4", "--seq-len",
+                        "--rank", "2", "--targets", ".*/(query|value)/kernel", *data, "--steps", "2", "--batch-size", "4", "--seq-len",
                         "8", "--no-baseline", "--out", out)
   assert rc == 0, err
   res = json.loads((out / "results.json").read_text())
@@ -162,6 +167,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   assert {"trainable", "trainable %", "test accuracy", "s/step"} <= set(res["rows"][-1])
   run_file = json.loads((out / "run.json").read_text())
   assert run_file["method"] == "lora" and run_file["options"]["rank"] == 2
+  assert run_file["options"]["targets"] == ".*/(query|value)/kernel"
   assert run_file["labels"] == ["neg", "pos"] and run_file["options"]["alpha"] == 16.0
   assert (out / "adapter" / "manifest").exists() and (out / "checkpoints" / "2").exists()
   assert not (out / "adapter.safetensors").exists()
@@ -179,7 +185,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   from safetensors.numpy import load_file
   tensors = load_file(tmp_path / "hf" / "adapter_model.safetensors")
   assert tensors["base_model.model.classifier.weight"].shape == (2, 16)
-  assert any(k.endswith("lora_A.weight") for k in tensors)
+  assert sum(k.endswith("lora_A.weight") for k in tensors) == 2  # query, value
 
   # merged export: an ordinary HF directory holding the trained head and W + s A B
   rc, stdout, err = run(capsys, "merge", "--adapter", out, "--out", tmp_path / "merged")
