@@ -112,8 +112,6 @@ def _adapter(params, o, model):
 
 def _prompt(params, o, model):
   from peftjax import prompt
-  if o["prompt_init"] == "text":
-    raise ValueError("--prompt-init text needs the tokenizer; use vocab or random")
   return prompt.apply(params, o["n_tokens"], init=o["prompt_init"], key=_key(o))
 
 

@@ -133,6 +133,13 @@ def test_export_and_merge_refuse_what_they_cannot_write(capsys, tmp_path):
       assert "--method prompt adds soft tokens or prefixes" in line
 
 
+def test_run_directory_errors(capsys, tmp_path):
+  (tmp_path / "run.json").write_text("{not json")
+  assert "corrupt run file" in one_error(capsys, "eval", "--adapter", tmp_path)
+  (tmp_path / "run.json").write_text(json.dumps({"method": "lora"}))
+  assert "no trained adapter in" in one_error(capsys, "eval", "--adapter", tmp_path)
+
+
 def test_data_file_errors(capsys, files):
   bert = files / "bert"
   line = one_error(capsys, "train", "--model", bert, "--data", files / "reviews.csv")
@@ -143,6 +150,12 @@ def test_data_file_errors(capsys, files):
   line = one_error(capsys, "train", "--model", files / "llama", "--data", files / "text.txt",
                    "--text-column", "review")
   assert "--text-column/--label-column apply to classification data files" in line
+  (files / "one.csv").write_text("text,label\na,x\nb,x\n")
+  line = one_error(capsys, "train", "--model", bert, "--data", files / "one.csv")
+  assert "classification needs at least 2 classes, found ['x']" in line
+  line = one_error(capsys, "train", "--model", bert, "--data", files / "reviews.csv",
+                   "--batch-size", "6", "--grad-accum", "4")
+  assert "--batch-size 6 is not divisible by --grad-accum 4" in line
   line = one_error(capsys, "train", "--model", bert, "--data", files / "text.txt")
   assert "a BertModel is not a decoder; language modelling needs a causal LM" in line
   line = one_error(capsys, "train", "--model", files / "llama", "--data", files / "reviews.csv",

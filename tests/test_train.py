@@ -106,6 +106,11 @@ def test_resume_with_a_plain_iterator_skips_the_consumed_batches(tmp_path):
     train(loss, tuned, iter(batches), _cfg(checkpoint_dir=ckpt, save_every=4), on_step=stop)
   res = train(loss, tuned, iter(batches), _cfg(checkpoint_dir=ckpt, save_every=4))
   assert res.start_step == 4
+  # a checkpoint of a loader's position needs a loader to restore it
+  with pytest.raises(ValueError, match="the data iterator has no restore"):
+    with_loader = str(tmp_path / "l")
+    train(loss, tuned, _loader(tokens), _cfg(checkpoint_dir=with_loader, save_every=6))
+    train(loss, tuned, iter(batches), _cfg(checkpoint_dir=with_loader, save_every=6))
   for a, b in zip(_trainable(ref.params), _trainable(res.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
