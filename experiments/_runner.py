@@ -160,3 +160,20 @@ def table(header: list[str], rows: list[list]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def resume(path: pathlib.Path, a, names: list[str]) -> tuple[list[dict], dict | None]:
+  """Results already in ``path`` for the same settings (steps, batch, sequence length), without
+  failed runs, restricted to ``names``; and the base metrics they measured."""
+  if not path.exists():
+    return [], None
+  old = json.loads(path.read_text())
+  for k in ("steps", "batch_size", "seq_len", "warmup"):
+    if k in old and old.get(k) != getattr(a, k, old.get(k)):
+      raise SystemExit(f"--resume: {path} was run with {k}={old.get(k)}, not {getattr(a, k)}")
+  keep = [r for r in old.get("results", []) if "error" not in r and r["name"] in names]
+  base = old.get("base")
+  if base is not None and "perplexity" in base:
+    base = {"nll": base["nll"]}
+  print(f"resuming: {', '.join(r['name'] for r in keep) or 'nothing'} already done", flush=True)
+  return keep, base

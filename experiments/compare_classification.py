@@ -7,7 +7,7 @@ rate passed as ``--lr``: trainable parameters (count and %), seconds per step, p
 process, accuracy on the whole held-out test split, and accuracy as a percentage of full
 fine-tuning. Writes ``results/compare_classification.md``, ``.json`` and two ``.png`` plots.
 
-    python experiments/compare_classification.py [--steps 100] [--methods lora,ia3,...]
+    python experiments/compare_classification.py [--steps 40] [--methods lora,ia3,...]
 """
 
 from __future__ import annotations
@@ -48,14 +48,19 @@ METHODS = {
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--steps", type=int, default=100)
+  ap.add_argument("--steps", type=int, default=40)
+  ap.add_argument("--warmup", type=int, default=None, help="default: steps // 10")
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--seq-len", type=int, default=64)
   ap.add_argument("--eval-limit", type=int, default=0, help="0 = the whole test split")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--out", default=str(_runner.RESULTS))
+  ap.add_argument("--resume", action="store_true",
+                  help="keep the methods already in OUT/compare_classification.json (same settings) and run the rest")
   a = ap.parse_args(argv)
   out = pathlib.Path(a.out)
+  if a.warmup is None:
+    a.warmup = max(a.steps // 10, 1)
   names = [m for m in a.methods.split(",") if m]
   for n in names:
     if n not in METHODS:
@@ -63,14 +68,20 @@ def main(argv=None):
   help_text = _runner.cli_options()
   info = _runner.machine()
   results, base = [], None
+  if a.resume:
+    results, base = _runner.resume(out / "compare_classification.json", a, list(METHODS))
+  done = {r["name"] for r in results}
   for n in names:
+    if n in done:
+      continue
     method, extra, lr, _ = METHODS[n]
     if f"{{{method}" not in help_text and f",{method}" not in help_text:
       results.append({"name": n, "error": f"this peftjax has no --method {method}"})
       continue
     args = ["--model", "minilm", "--data", "rotten_tomatoes", "--method", method, "--steps",
             str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
-            "--eval-limit", str(a.eval_limit), "--no-baseline", "--lr", f"{lr:g}", *extra]
+            "--eval-limit", str(a.eval_limit), "--warmup", str(a.warmup), "--no-baseline",
+            "--lr", f"{lr:g}", *extra]
     if "--save-every" in help_text:
       args += ["--save-every", str(a.steps)]
     print(f"== {n}: peftjax train {' '.join(args)}", flush=True)
@@ -81,6 +92,7 @@ def main(argv=None):
       base = r["base_metrics"]
     print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)
     results.append(r)
+    results.sort(key=lambda r: list(METHODS).index(r["name"]))
     write(out, a, info, results, base)
   write(out, a, info, results, base, final=True)
 
@@ -102,11 +114,12 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
       continue
     r["pct_of_full"] = 100 * r["accuracy"] / full if full else None
     rows.append([r["name"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}", f"{r['lr']:g}",
-                 f"{r['s_per_step']:.3f}" if r.get("s_per_step") else "-",
+                 f"{r['s_per_step']:.2f} ({r['s_per_step_min']:.2f})" if r.get("s_per_step")
+                 else "-",
                  f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "-",
                  f"{r['accuracy']:.2f}%",
                  f"{r['pct_of_full']:.1f}%" if r.get("pct_of_full") else "-"])
-  header = ["method", "trainable", "trainable %", "lr", "s/step", "peak RSS (MB)",
+  header = ["method", "trainable", "trainable %", "lr", "s/step (min)", "peak RSS (MB)",
             "test accuracy", "% of full FT"]
   n_test = None
   if base:
@@ -115,10 +128,10 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
   md = [
       "# all-MiniLM-L6-v2 on rotten tomatoes: every method side by side",
       "",
-      f"`python experiments/compare_classification.py --steps {a.steps} --batch-size "
+      f"`python experiments/compare_classification.py --steps {a.steps} --warmup {a.warmup} --batch-size "
       f"{a.batch_size} --seq-len {a.seq_len}` ({'complete' if final else 'in progress'}): "
       f"all-MiniLM-L6-v2 (22.7M parameters) with a new 2-class head, {a.steps} steps of "
-      f"{a.batch_size} sentences (at most {a.seq_len} tokens; AdamW, 20 warmup steps, cosine "
+      f"{a.batch_size} sentences (at most {a.seq_len} tokens; AdamW, {a.warmup} warmup steps, cosine "
       f"decay, clip 1.0) on the training split of the rotten-tomatoes fresh-vs-rotten sentences, "
       f"then accuracy on the "
       + ("whole held-out test split (2,562 sentences)" if a.eval_limit == 0
@@ -130,7 +143,7 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
       _runner.table(header, rows),
       "",
       "- *s/step*: median over 10-step intervals after step 10 (compilation and evaluation "
-      "excluded). *peak RSS*: the whole process (loading, training, evaluation, saving). The "
+      "excluded); in brackets the fastest such interval, the least disturbed by other jobs. *peak RSS*: the whole process (loading, training, evaluation, saving). The "
       "base row was evaluated once, in the first process, and reused.",
       "- *lr*: per method (see `compare_classification.json` for the reason behind each); the "
       "head trains at the method's lr. One seed, one run per method: differences of about 1 "
@@ -153,6 +166,7 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
   (out / "compare_classification.md").write_text("\n".join(md))
   _runner.save_json(out / "compare_classification.json", {
       "experiment": "compare_classification", "complete": final, "steps": a.steps,
+      "warmup": a.warmup,
       "batch_size": a.batch_size, "seq_len": a.seq_len, "eval_limit": a.eval_limit,
       "machine": info, "base": base, "full_ft_accuracy": full,
       "methods": {n: {"method": m, "options": e, "lr": lr, "why": w}

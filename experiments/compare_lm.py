@@ -41,6 +41,8 @@ def main(argv=None):
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--out", default=str(_runner.RESULTS))
+  ap.add_argument("--resume", action="store_true",
+                  help="keep the methods already in OUT/compare_lm.json (same settings) and run the rest")
   a = ap.parse_args(argv)
   out = pathlib.Path(a.out)
   names = [m for m in a.methods.split(",") if m]
@@ -50,7 +52,12 @@ def main(argv=None):
   has_save_every = "--save-every" in _runner.cli_options()
   info = _runner.machine()
   results, base = [], None
+  if a.resume:
+    results, base = _runner.resume(out / "compare_lm.json", a, list(METHODS))
+  done = {r["name"] for r in results}
   for n in names:
+    if n in done:
+      continue
     method, extra, lr, _ = METHODS[n]
     args = ["--model", "smollm2", "--data", "moby_dick", "--method", method, "--steps",
             str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
@@ -64,6 +71,7 @@ def main(argv=None):
       base = r["base_metrics"]
     print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)
     results.append(r)
+    results.sort(key=lambda r: list(METHODS).index(r["name"]))
     write(out, a, info, results, base)
   write(out, a, info, results, base, final=True)
 
@@ -82,11 +90,12 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
     nll = float(r["row"]["held-out nll"])
     r["nll"], r["perplexity"] = nll, math.exp(nll)
     rows.append([r["name"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}", f"{r['lr']:g}",
-                 f"{r['s_per_step']:.2f}" if r.get("s_per_step") else "-",
+                 f"{r['s_per_step']:.2f} ({r['s_per_step_min']:.2f})" if r.get("s_per_step")
+                 else "-",
                  f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "-", f"{nll:.4f}",
                  f"{r['perplexity']:.2f}",
                  f"{100 * (r['perplexity'] / base_ppl - 1):+.1f}%" if base_ppl else "-"])
-  header = ["method", "trainable", "trainable %", "lr", "s/step", "peak RSS (MB)",
+  header = ["method", "trainable", "trainable %", "lr", "s/step (min)", "peak RSS (MB)",
             "held-out NLL", "perplexity", "vs base"]
   md = [f"# SmolLM2-135M on Moby Dick: perplexity before and after fine-tuning",
         "",
@@ -101,7 +110,7 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
         _runner.table(header, rows),
         "",
         "- *s/step*: median over 10-step intervals after step 10 (compilation and evaluation "
-        "excluded). *peak RSS*: the whole process (loading the GGUF, the base evaluation, "
+        "excluded); in brackets the fastest such interval, the least disturbed by other jobs. *peak RSS*: the whole process (loading the GGUF, the base evaluation, "
         "training, the final evaluation, saving). The base row was evaluated once, in the first "
         "process, and reused.",
         "- LoRA/QLoRA: r=8, alpha=16 on all seven linear layers of every block. Prefix: 20 "
