@@ -192,59 +192,113 @@ def _merged_kernel(w, a, b, scale, n_in, dtype):
   return (w + _delta(a, b, scale, n_in).astype(w.dtype)).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type):
   """``dot_general(x, w + scale*A@B, dims)``: one big matmul instead of three.
 
-  Custom backward pass: ``dx = g @ W'^T`` with ``W' = w + s*A@B`` recomputed (never saved),
-  ``dB = s*(x@A)^T g`` and ``dA = x^T (s*g@B^T)``: no ``[d_in, d_out]`` weight gradient and no
-  activation-sized LoRA intermediates; ``dw = x^T g`` only when ``w`` itself is differentiated.
+  ``dims`` must contract every input axis of ``w`` and batch every batch axis. ``x`` is brought
+  to the canonical ``[M, K]`` form (``[B, M, K]`` with layer-batch axes: batch axes first, then
+  the free axes, then the contracted axes in ``w``'s order; a no-op for the usual ``x[..., d_in]
+  @ w[d_in, d_out]``), ``w``, ``A``, ``B`` to ``[K, N]``, ``[K, r]``, ``[r, N]`` by reshapes, and
+  :func:`_merged_matmul` does the work with fixed dimension orders; the result is reshaped back
+  to what ``dot_general`` returns.
+  """
+  (lc, rc), (lb, rb) = dims
+  nb = len(rb)
+  order_b = sorted(range(nb), key=lambda i: rb[i])          # pairs in w's batch-axis order
+  order_c = sorted(range(len(rc)), key=lambda i: rc[i])     # pairs in w's input-axis order
+  used = set(lc) | set(lb)
+  x_free = [d for d in range(x.ndim) if d not in used]
+  perm = [lb[i] for i in order_b] + x_free + [lc[i] for i in order_c]
+  xt = x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
+  bshape = tuple(w.shape[:nb])
+  in_shape, out_shape = tuple(w.shape[nb:nb + n_in]), tuple(w.shape[nb + n_in:])
+  free_shape = tuple(x.shape[d] for d in x_free)
+  lead = (math.prod(bshape),) if nb else ()
+  k, n, m, r = math.prod(in_shape), math.prod(out_shape), math.prod(free_shape), a.shape[-1]
+  y = _merged_matmul(xt.reshape(*lead, m, k), w.reshape(*lead, k, n), a.reshape(*lead, k, r),
+                     b.reshape(*lead, r, n), scale, precision, preferred_element_type)
+  y = y.reshape(*bshape, *free_shape, *out_shape)
+  if order_b != list(range(nb)):  # dot_general orders batch axes as the (lb, rb) pairs are listed
+    y = jnp.transpose(y, [*np.argsort(order_b), *range(nb, y.ndim)])
+  return y
+
+
+def _merged_kernel2(w, a, b, scale, dtype):
+  """``w + scale * a@b`` for ``[.., K, N]``, ``[.., K, r]``, ``[.., r, N]``, cast to ``dtype``."""
+  d = _mm(a, b, 1, 0, lax.Precision.HIGHEST, None) * scale
+  return (w + d.astype(w.dtype)).astype(dtype)
+
+
+def _mm(u, v, cu, cv, precision, preferred_element_type):
+  """``u @ v`` contracting axis ``cu`` of ``u`` with ``cv`` of ``v``, for ``[M, K]`` matrices or
+  ``[B, M, K]`` stacks of them (axis numbers count from the matrix, after the batch axis)."""
+  nbd = u.ndim - 2
+  batch = ((0,), (0,)) if nbd else ((), ())
+  return lax.dot_general(u, v, (((cu + nbd,), (cv + nbd,)), batch), precision=precision,
+                         preferred_element_type=preferred_element_type)
+
+
+def _t_in(u):
+  """A small (batch of) matrix transposed *before* it enters a dot, as an array of its own: the
+  barrier stops XLA from folding the transpose into the dot's dimension numbers, after which its
+  layout assignment would transpose the dot's *large* operand instead (docs/performance.md)."""
+  return lax.optimization_barrier(jnp.swapaxes(u, -1, -2))
+
+
+def _t_out(u):
+  """A small dot result transposed *after* the dot (the barrier keeps the dot's orientation)."""
+  return jnp.swapaxes(lax.optimization_barrier(u), -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _merged_matmul(x, w, a, b, scale, precision, preferred_element_type):
+  """``x @ (w + scale*a@b)`` for ``x [.., M, K]``, ``w [.., K, N]``, ``a [.., K, r]``, ``b [.., r, N]``.
+
+  Custom backward pass, every product in the orientation XLA:CPU runs fastest:
+
+  * ``dx = g @ W'^T`` with ``W' = w + s*A@B`` recomputed (XLA may keep it from the forward);
+  * ``dt = g @ (s*B)^T`` (``[M, r]``), ``dB = s * t^T @ g`` with ``t = x@A`` saved from the forward,
+    ``dA = (dt^T @ x)^T``: the rank-``r`` factor is the small *left* operand (transposed
+    explicitly, ``[r, M]``), so no activation-sized array is transposed or scaled;
+  * no ``[K, N]`` weight gradient, unless ``w`` itself is differentiated (``dw = x^T g``).
+
   Being a ``custom_vjp``, it supports reverse mode (and ``vmap`` of it) but not forward mode:
   use ``matmul="factored"`` for ``jvp``/``jacfwd``/Hessians.
   """
-  return lax.dot_general(x, _merged_kernel(w, a, b, scale, n_in, x.dtype), dims,
-                         precision=precision, preferred_element_type=preferred_element_type)
+  wm = _merged_kernel2(w, a, b, scale, x.dtype)
+  return _mm(x, wm, 1, 0, precision, preferred_element_type)
 
 
-def _merged_dot_fwd(x, w, a, b, scale, n_in, dims, precision, preferred_element_type):
+def _merged_matmul_fwd(x, w, a, b, scale, precision, preferred_element_type):
   xv, wv, av, bv = x.value, w.value, a.value, b.value
-  y = _merged_dot(xv, wv, av, bv, scale, n_in, dims, precision, preferred_element_type)
-  (lc, rc), (lb, rb) = dims
-  t = lax.dot_general(xv, av, ((lc, rc), (lb, rb)), precision=precision,
-                      preferred_element_type=preferred_element_type)
+  y = _merged_matmul(xv, wv, av, bv, scale, precision, preferred_element_type)
+  ab = a.perturbed or b.perturbed
+  t = _mm(xv, av, 1, 0, precision, preferred_element_type) if ab else None
   # Which inputs need a cotangent rides along as present-or-None residuals.
-  return y, (xv, wv, av, bv, t, True if x.perturbed else None, True if w.perturbed else None,
-             True if (a.perturbed or b.perturbed) else None)
+  return y, (xv, wv, av, bv, t, True if x.perturbed else None, True if w.perturbed else None)
 
 
-def _merged_dot_bwd(scale, n_in, dims, precision, preferred_element_type, res, g):
-  x, w, a, b, t, x_perturbed, w_perturbed, ab_perturbed = res
+def _merged_matmul_bwd(scale, precision, preferred_element_type, res, g):
+  x, w, a, b, t, x_perturbed, w_perturbed = res
   if isinstance(g, SymbolicZero):
     return None, None, None, None
-  (lc, rc), (lb, rb) = dims
-  nb, n_lb = len(rb), len(lb)
-  dot = functools.partial(lax.dot_general, precision=precision,
-                          preferred_element_type=preferred_element_type)
-  tr = lambda f, like, ct: jax.linear_transpose(
-      f, jax.ShapeDtypeStruct(like.shape, x.dtype))(ct)[0]
+  mm = functools.partial(_mm, precision=precision, preferred_element_type=preferred_element_type)
+  g = g.astype(x.dtype)
   dx = dw = da = db = None
   if x_perturbed is not None:
-    wm = _merged_kernel(w, a, b, scale, n_in, x.dtype)
-    dx = tr(lambda x_: dot(x_, wm, dims), x, g).astype(x.dtype)
+    wm = _merged_kernel2(w, a, b, scale, x.dtype)
+    dx = mm(g, wm, 1, 1).astype(x.dtype)                              # g @ W'^T   [M, K]
   if w_perturbed is not None:
-    dw = tr(lambda w_: dot(x, w_, dims), w, g).astype(w.dtype)
-  if ab_perturbed is not None:
-    dims_a = ((lc, rc), (lb, rb))
-    dims_b = (((t.ndim - 1,), (nb,)), (tuple(range(n_lb)), tuple(rb)))
-    gs = g * jnp.asarray(scale, g.dtype)
-    db = tr(lambda b_: dot(t, b_, dims_b), b, gs).astype(b.dtype)
-    dt = jax.linear_transpose(lambda t_: dot(t_, b.astype(x.dtype), dims_b),
-                              jax.ShapeDtypeStruct(t.shape, t.dtype))(gs)[0]
-    da = tr(lambda a_: dot(x, a_, dims_a), a, dt).astype(a.dtype)
+    dw = mm(x, g, 0, 0).astype(w.dtype)                               # x^T @ g    [K, N]
+  if t is not None:
+    s = jnp.asarray(scale, x.dtype)
+    dt = mm(g, b * s, 1, 1)                                           # g @ (sB)^T [M, r]
+    db = (mm(_t_in(t.astype(x.dtype)), g, 1, 0) * s).astype(b.dtype)      # s t^T @ g  [r, N]
+    da = _t_out(mm(_t_in(dt.astype(x.dtype)), x, 1, 0)).astype(a.dtype)   # (dt^T @ x)^T [K, r]
   return dx, dw, da, db
 
 
-_merged_dot.defvjp(_merged_dot_fwd, _merged_dot_bwd, symbolic_zeros=True)
+_merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd, symbolic_zeros=True)
 
 
 # -- layout -----------------------------------------------------------------------------------
