@@ -521,7 +521,7 @@ _SAME_RUN = ("model", "data", "eval_data", "method", "options", "seed", "seq_len
 def cmd_train(a) -> dict:
   run = _run_record(a)
   spec = METHODS[a.method]
-  lr = a.lr or spec.learning_rate
+  lr = a.lr = a.lr or spec.learning_rate  # results.json records the rate used
   if a.warmup >= a.steps and a.warmup:
     a.warmup = a.steps - 1
   if run["batch_size"] % a.grad_accum:

@@ -178,6 +178,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   res = json.loads((out / "results.json").read_text())
   assert [r["model"] for r in res["rows"]] == ["base model (untrained head)", "lora + head"]
   assert {"trainable", "trainable %", "test accuracy", "s/step"} <= set(res["rows"][-1])
+  assert res["args"]["lr"] == cli.METHODS["lora"].learning_rate  # the rate used, not None
   run_file = json.loads((out / "run.json").read_text())
   assert run_file["method"] == "lora" and run_file["options"]["rank"] == 2
   assert run_file["options"]["targets"] == ".*/(query|value)/kernel"
