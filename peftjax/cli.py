@@ -1,11 +1,12 @@
 """The ``peftjax`` command line.
 
     peftjax train --model minilm --method lora --data rotten_tomatoes --steps 300 --out run/
-    peftjax train --model smollm2 --method prefix --data moby_dick --steps 50 --seq-len 128
+    peftjax train --model smollm2 --method prefix --data moby_dick --steps 50 --seq-len 128 --out lm_run/
     peftjax eval --adapter run/                    # model, data and method options from run/
     peftjax merge --adapter run/ --out merged/     # base + adapter -> HF model directory
     peftjax export --adapter run/ --out hf_peft/   # adapter -> HF PEFT (PyTorch peft loads it)
     peftjax generate --model smollm2 --prompt "The whale"
+    peftjax generate --adapter lm_run/ --prompt "The whale"   # with the trained LM adapter
     peftjax methods
 
 ``train`` fine-tunes a real model on a real dataset with one PEFT method, shows a progress bar,
@@ -727,18 +728,43 @@ def cmd_generate(a):
   from peftjax import tasks
   from peftjax.io.hf import from_pretrained
   from peftjax.models.generate import generate
-  model, params, tok = from_pretrained(tasks.resolve_model(a.model))
+  method = None
+  if a.adapter:
+    run, adapter = _read_run(a.adapter)
+    if run["kind"] != "lm":
+      raise ValueError(f"{a.adapter} holds a {run['kind']} run ({run['model']}); generate needs a "
+                       f"language-model adapter")
+    if a.model is not None and a.model != run["model"]:
+      raise ValueError(f"{a.adapter} was trained on --model {run['model']}, not {a.model}")
+    method = run["method"]
+    if method == "adapter":
+      raise ValueError("--method adapter has no merged form and no generation path here; use "
+                       "lora, prompt, prefix, ... for generation")
+    model, params, tok = _load_model(run)
+    tuned = peftjax.prefix.finalize(_restored(run, adapter, params, model))
+  else:
+    model, params, tok = from_pretrained(tasks.resolve_model(a.model or "smollm2"))
   text = a.prompt
   if getattr(tok, "chat_template", None) and not a.raw:
     text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                    add_generation_prompt=True)
-  ids = np.asarray(tok(text)["input_ids"], np.int32)[None]
-  out = generate(model, params, jnp.asarray(ids), max_new_tokens=a.max_new_tokens,
-                 temperature=a.temperature, key=jax.random.key(a.seed),
-                 stop_tokens=[tok.eos_token_id] if tok.eos_token_id is not None else None)
+  ids = jnp.asarray(np.asarray(tok(text)["input_ids"], np.int32)[None])
+  kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, key=jax.random.key(a.seed),
+            stop_tokens=[tok.eos_token_id] if tok.eos_token_id is not None else None)
+  if method in ("prompt", "ptuning"):
+    out = peftjax.prompt.generate(model, tuned, ids, **kw)
+  elif method == "prefix":
+    out = peftjax.prefix.generate(model, tuned, ids, **kw)
+  else:
+    out = generate(model, peftjax.merge(tuned) if method else params, ids, **kw)
   seq = np.asarray(out.tokens if hasattr(out, "tokens") else out)[0]
-  print(tok.decode(seq[ids.shape[1]:] if seq.shape[0] > ids.shape[1] else seq,
-                   skip_special_tokens=True))
+  if hasattr(out, "lengths"):
+    seq = seq[:int(np.asarray(out.lengths)[0])]
+  elif seq.shape[0] > ids.shape[1]:
+    seq = seq[ids.shape[1]:]
+  text = tok.decode(seq, skip_special_tokens=True)
+  print(text)
+  return text
 
 
 def cmd_methods(a):
@@ -779,8 +805,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--adapter", required=True, help="a `peftjax train --out` directory")
   p.add_argument("--out", required=True, help="output directory (adapter_config.json + "
                                               "adapter_model.safetensors)")
-  p = sub.add_parser("generate", help="generate text with a decoder")
-  p.add_argument("--model", default="smollm2")
+  p = sub.add_parser("generate", help="generate text with a decoder (and a trained adapter)",
+                     epilog="examples:\n  peftjax generate --model smollm2 --prompt 'The whale'\n"
+                            "  peftjax generate --adapter run/ --prompt 'Call me'",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default=None, help="default: smollm2, or the adapter's model")
+  p.add_argument("--adapter", default=None,
+                 help="a `peftjax train --out` directory of a language-model run")
   p.add_argument("--prompt", required=True)
   p.add_argument("--max-new-tokens", type=_pos_int, default=48)
   p.add_argument("--temperature", type=_nonneg_float, default=0.0)

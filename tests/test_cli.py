@@ -236,6 +236,9 @@ def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
   assert rc == 0, err
   cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
   assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 3
+  rc, stdout, err = run(capsys, "generate", "--adapter", out, "--prompt", "good film",
+                        "--max-new-tokens", "2")
+  assert rc == 0 and stdout.strip(), err
 
 
 def test_eval_base_model_on_a_file(capsys, files):
