@@ -1,7 +1,7 @@
 """The ``peftjax`` command line.
 
     peftjax train --model minilm --method lora --data rotten_tomatoes --steps 300 --out run/
-    peftjax train --model smollm2 --method prefix --data moby_dick --steps 50 --seq-len 128 --out lm_run/
+    peftjax train --model smollm2 --method prefix --data moby_dick --seq-len 128 --out lm_run/
     peftjax eval --adapter run/                    # model, data and method options from run/
     peftjax merge --adapter run/ --out merged/     # base + adapter -> HF model directory
     peftjax export --adapter run/ --out hf_peft/   # adapter -> HF PEFT (PyTorch peft loads it)
@@ -37,7 +37,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -430,7 +430,8 @@ def _with_head(tree, head_targets):
   from peftjax import partial
   head = re.compile(head_targets)
   # Leaves a method already made trainable (BitFit's head bias, say) stay as they are.
-  return partial.apply(tree, targets=lambda p, x: bool(head.fullmatch(p)) and not peftjax.is_node(x))
+  return partial.apply(tree, targets=lambda p, x: bool(head.fullmatch(p)) and
+                       not peftjax.is_node(x))
 
 
 def _tune(params, run: dict, model, head_targets):

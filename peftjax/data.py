@@ -124,7 +124,8 @@ def _position(state) -> tuple[int, int]:
   try:
     epoch, index = int(state["epoch"]), int(state["index"])
   except (TypeError, KeyError, ValueError):
-    raise ValueError(f"a loader position is {{'epoch': int, 'index': int}}, got {state!r}") from None
+    raise ValueError(f"a loader position is {{'epoch': int, 'index': int}}, got "
+                     f"{state!r}") from None
   if epoch < 0 or index < 0:
     raise ValueError(f"a loader position has non-negative epoch and index, got {state!r}")
   return epoch, index

@@ -27,7 +27,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from peftjax import data as data_lib
 from peftjax._src.lift import lift
@@ -142,7 +141,10 @@ class Task:
 
 
 def base_forward(model) -> Callable:
-  """``forward(tree, input_ids, **kwargs) = lift(model.apply)({"params": tree}, input_ids, ...)``."""
+  """The model's own forward pass on a tree with nodes.
+
+  ``forward(tree, input_ids, **kwargs) = lift(model.apply)({"params": tree}, input_ids, ...)``.
+  """
   lifted = lift(model.apply)
 
   def forward(tree, input_ids, **kwargs):

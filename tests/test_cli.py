@@ -6,7 +6,6 @@ tokenizer) written once per module, so the whole command line runs in seconds.
 """
 
 import json
-import pathlib
 import random
 
 import jax
@@ -172,8 +171,9 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   data = ["--data", files / "reviews.csv", "--text-column", "review", "--label-column",
           "sentiment"]
   rc, stdout, err = run(capsys, "train", "--model", files / "bert", "--method", "lora",
-                        "--rank", "2", "--targets", ".*/(query|value)/kernel", *data, "--steps", "2", "--batch-size", "4", "--seq-len",
-                        "8", "--no-baseline", "--out", out)
+                        "--rank", "2", "--targets", ".*/(query|value)/kernel", *data,
+                        "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--no-baseline",
+                        "--out", out)
   assert rc == 0, err
   res = json.loads((out / "results.json").read_text())
   assert [r["model"] for r in res["rows"]] == ["base model (untrained head)", "lora + head"]
