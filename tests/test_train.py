@@ -18,10 +18,14 @@ import pytest
 import peftjax
 from peftjax import data as data_lib
 from peftjax import tasks
-from peftjax.testing import next_token_loss
 from peftjax.train import TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def next_token_loss(logits, tokens):
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
 
 def _model(p, ids):
