@@ -31,8 +31,12 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
+# peftjax vs HF PEFT (PyTorch) vs qwix, one report: docs/benchmarks.md (~20 min on 2 cores).
+# matplotlib (the dev extra) draws the plots; the runner installs qwix into .venv with jax pinned
+# and creates benchmarks/.venv-torch (torch first) for the PyTorch side.
 bench: $(STAMP)
-	$(PY) benchmarks/lora_step.py
+	$(PY) -m pip install -q 'matplotlib>=3.8'
+	$(PY) benchmarks/run.py
 
 # Both comparison tables (one process per method); about an hour on 2 quiet CPU cores, minutes on
 # a GPU. Pass e.g. EXP_ARGS="--steps 300" to train longer.

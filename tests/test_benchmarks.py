@@ -1,0 +1,79 @@
+"""The benchmark runner's JAX side works (tiny shapes, in process; no venvs, no subprocesses)."""
+
+import io
+import json
+import math
+import os
+import sys
+from contextlib import redirect_stdout
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _common  # noqa: E402
+import bench_jax  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+
+TINY = dict(vocab=128, hidden=32, layers=1, heads=2, ffn=64, seq=8, batch=2, rank=2, alpha=4)
+
+
+def test_counts_match_design_reference():
+  ref = _common.SHAPES["reference"]
+  assert _common.param_counts(ref)["lora"] == 312_320  # DESIGN.md's trainable count
+  lora, full = _common.analytic_flops(ref, "lora"), _common.analytic_flops(ref, "full")
+  assert 0.6 < lora / full < 0.7  # no weight gradients for frozen kernels: about 2/3
+  s = _common.scaled_shape(ref, 1024, 64)
+  assert (s["hidden"], s["ffn"], s["heads"], s["rank"]) == (1024, 2752, 16, 64)
+
+
+def test_result_line_round_trip():
+  buf = io.StringIO()
+  with redirect_stdout(buf):
+    _common.emit({"case": "x", "median_s": 0.5})
+  got = _common.parse_result("noise\n" + buf.getvalue())
+  assert got["median_s"] == 0.5 and got["peak_rss_bytes"] > 0
+
+
+def _record(name, case, result):
+  return {"name": name, "runner": "jax", "case": case, "group": "main", "shape": TINY,
+          "load_before": [1.0, 1.0, 1.0], "load_after": [1.5, 1.0, 1.0], "wall_s": 1.0,
+          "round": 0, "ok": True, "result": result}
+
+
+def test_peftjax_cases_aggregate_and_report(tmp_path):
+  # LoRA only: QLoRA and full fine-tuning take the same path (another tree, the same step) and
+  # each costs another compile; `run.py --quick` runs them all.
+  lora = bench_jax.run_case("peftjax_lora", TINY, steps=2, warmup=1)
+  assert len(lora["times_s"]) == 2 and lora["median_s"] > 0
+  assert math.isfinite(lora["loss_last"]) and lora["xla_flops"] > 0
+  counts = _common.param_counts(TINY)
+  assert lora["trainable_params"] == counts["lora"]
+  # LoRA trains: the loss moves (B starts at zero, so the first step changes only B).
+  assert lora["loss_last"] != lora["loss_first"]
+  records = [_record("peftjax_lora", "peftjax_lora", lora)]
+
+  mm = bench_jax.run_case("matmul_peak", TINY, steps=2, matmul_n=64)
+  records.append(_record("matmul_peak_jax", "matmul_peak", mm))
+  inf = bench_jax.run_case("peftjax_infer", TINY, steps=2, gen_tokens=2, prompt_len=4)
+  assert set(inf["forward"]) == set(inf["generate"]) == {"base", "merged", "lift"}
+  records.append(_record("peftjax_infer", "peftjax_infer", inf))
+
+  systems = run.aggregate(records, TINY)
+  derived = run.derive(systems, TINY)
+  goals = {g["name"]: g for g in derived["goals"]}
+  assert goals["merged forward / base forward"]["value"] > 0
+  assert goals["peftjax LoRA achieved FLOP/s / matmul peak"]["met"] in (True, False)
+  assert goals["peftjax LoRA / HF PEFT LoRA"]["value"] is None  # torch not run here
+  results = {"meta": {"mode": "quick", "started": "2026-01-01T00:00:00", "duration_s": 1.0,
+                      "shape": TINY, "rounds": 1, "steps": 2, "warmup": 1, "threads": 2,
+                      "platform": "test", "cpu_count": 2, "load_start": [1.0] * 3,
+                      "load_end": [1.0] * 3, "load_max_1min": 1.5, "load_median_1min": 1.0,
+                      "versions": {"jax": "x"}, "git": {"commit": "abc"},
+                      "params": counts, "notes": ["a note"], "matmul_n": 64},
+             "systems": systems, **derived, "scaling": [], "runs": records}
+  json.dumps(results)  # what run.py writes must be JSON
+  path = report.write_report(results, str(tmp_path / "bench.md"), str(tmp_path / "fig"))
+  text = open(path).read()
+  assert "## Goals" in text and ("met" in text or "MISSED" in text)
+  assert "peftjax LoRA" in text and "not measured" in text
