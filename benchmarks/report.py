@@ -236,7 +236,7 @@ def write_report(results: dict, path: str, fig_dir: str, *, results_path: str | 
            f"warm-up steps (compile included); medians of the per-round medians, range over rounds.")
   L.append(f"- Machine: {meta['platform']}, {meta['cpu_count']} CPUs, {threads} threads for XLA "
            f"and `torch.set_num_threads({threads})`; f32.")
-  L.append(f"- peftjax at commit `{(git.get('commit') or '?')[:10]}`"
+  L.append(f"- peftjax at the start of the run: commit `{(git.get('commit') or '?')[:10]}`"
            + (f" with uncommitted changes in {', '.join(dirty[:6])}" if dirty else "") + ".")
   L.append(f"- Load average (1-min) during the run: start {meta['load_start'][0]}, end "
            f"{meta['load_end'][0]}, median {meta['load_median_1min']}, max {load_max}. "
@@ -251,6 +251,14 @@ def write_report(results: dict, path: str, fig_dir: str, *, results_path: str | 
   if results_path:
     L.append(f"- Raw results: [`{_rel(results_path, doc_dir)}`]({_rel(results_path, doc_dir)}) "
              "(every run, with its load averages and versions).")
+  heads = []
+  for r in results.get("runs", []):
+    if r.get("git_head") and (not heads or heads[-1][0] != r["git_head"]):
+      heads.append((r["git_head"], r.get("started", "?")[:19], r["name"], r.get("round", 0)))
+  if len(heads) > 1:
+    L.append("- **peftjax changed while this run was in progress** (each run imports the checked-out "
+             "code): " + "; ".join(f"from {t}Z (round {rd + 1}, {n}) commit `{h[:10]}`"
+                                   for h, t, n, rd in heads) + ".")
   for n in meta.get("notes", []):
     L.append(f"- Note: {n}")
   L.append("")

@@ -96,6 +96,15 @@ def git_state() -> dict:
                           if l[:2] != "??" and len(l) > 3]}
 
 
+def head_commit() -> str:
+  """The commit checked out now (each child imports peftjax afresh, so this is what it runs)."""
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=20).stdout.strip()
+  except (OSError, subprocess.TimeoutExpired):
+    return ""
+
+
 # -- environments --------------------------------------------------------------------------------
 
 def ensure_torch_venv(setup: bool, notes: list) -> bool:
@@ -166,7 +175,8 @@ def run_job(job: Job, cfg: dict) -> dict:
   if cfg.get("jax_platforms") and job.runner == "jax":
     env["JAX_PLATFORMS"] = cfg["jax_platforms"]
   rec = {"name": job.name, "runner": job.runner, "case": job.case, "group": job.group,
-         "shape": job.shape, "load_before": loadavg()}
+         "shape": job.shape, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
+         "git_head": head_commit(), "load_before": loadavg()}
   t0 = time.perf_counter()
   try:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg["timeout"], cwd=ROOT,
