@@ -28,6 +28,8 @@ METHODS = {
     "qlora": ("qlora", ["--rank", "8", "--alpha", "16"], 1e-3, "as LoRA"),
     "prefix": ("prefix", ["--n-tokens", "20"], 1e-2, "prefix tuning: large lr (P-tuning v2: "
                "5e-3 to 1e-2)"),
+    "prefix-lr1e-3": ("prefix", ["--n-tokens", "20"], 1e-3, "prefix tuning at a 10x smaller lr: "
+                      "1e-2 diverged in our run (Li & Liang train the MLP at 5e-5 for epochs)"),
     "prompt": ("prompt", ["--n-tokens", "20"], 3e-2, "prompt tuning: large lr (Lester et al. 0.3 "
                "with Adafactor; 3e-2 with Adam is HF PEFT's usual)"),
 }
