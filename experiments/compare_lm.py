@@ -43,6 +43,8 @@ def main(argv=None):
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--out", default=str(_runner.RESULTS))
+  ap.add_argument("--report", action="store_true",
+                  help="only rebuild the .md and plot from OUT/compare_lm.json")
   ap.add_argument("--resume", action="store_true",
                   help="keep the methods already in OUT/compare_lm.json (same settings) and run the rest")
   a = ap.parse_args(argv)
@@ -54,8 +56,13 @@ def main(argv=None):
   has_save_every = "--save-every" in _runner.cli_options()
   info = _runner.machine()
   results, base = [], None
-  if a.resume:
+  if a.resume or a.report:
     results, base = _runner.resume(out / "compare_lm.json", a, list(METHODS))
+  if a.report:
+    import json
+    old = json.loads((out / "compare_lm.json").read_text())
+    write(out, a, old.get("machine", info), results, base, final=True)
+    return
   done = {r["name"] for r in results}
   for n in names:
     if n in done:
@@ -84,10 +91,10 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
   info = {**info, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
   base_ppl = math.exp(base["nll"]) if base else None
   rows = [["base model (SmolLM2-135M-Instruct)", "0", "0", "-", "-", "-",
-           f"{base['nll']:.4f}" if base else "-", f"{base_ppl:.2f}" if base else "-", "-"]]
+           f"{base['nll']:.4f}" if base else "-", f"{base_ppl:.2f}" if base else "-", "-", "-"]]
   for r in results:
     if "error" in r:
-      rows.append([r["name"], f"failed: {r['error'][:120]}", "", "", "", "", "", "", ""])
+      rows.append([r["name"], f"failed: {r['error'][:120]}", "", "", "", "", "", "", "", ""])
       continue
     nll = float(r["row"]["held-out nll"])
     r["nll"], r["perplexity"] = nll, math.exp(nll)
@@ -96,9 +103,10 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
                  else "-",
                  f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "-", f"{nll:.4f}",
                  f"{r['perplexity']:.2f}",
-                 f"{100 * (r['perplexity'] / base_ppl - 1):+.1f}%" if base_ppl else "-"])
+                 f"{100 * (r['perplexity'] / base_ppl - 1):+.1f}%" if base_ppl else "-",
+                 f"{r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f}"])
   header = ["method", "trainable", "trainable %", "lr", "s/step (min)", "peak RSS (MB)",
-            "held-out NLL", "perplexity", "vs base"]
+            "held-out NLL", "perplexity", "vs base", "load before / after"]
   md = [f"# SmolLM2-135M on Moby Dick: perplexity before and after fine-tuning",
         "",
         f"`python experiments/compare_lm.py --steps {a.steps} --batch-size {a.batch_size} "
@@ -115,6 +123,10 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
         "excluded); in brackets the fastest such interval, the least disturbed by other jobs. *peak RSS*: the whole process (loading the GGUF, the base evaluation, "
         "training, the final evaluation, saving). The base row was evaluated once, in the first "
         "process, and reused.",
+        "- *load*: the machine's 1-minute load average when the method's process started and "
+        "ended (2 CPUs): rows run at different loads, so compare their step times with care.",
+        "- Prefix tuning at lr 1e-2 diverged (training loss 4.2 -> 9.3 by step 30); the same "
+        "method at 1e-3 is the `prefix-lr1e-3` row. Reported as measured.",
         "- LoRA/QLoRA: r=8, alpha=16 on all seven linear layers of every block. Prefix: 20 "
         "key/value prefixes per layer through the reparameterization MLP (hidden 512). Prompt: 20 "
         "soft tokens initialized from vocabulary embeddings.",
@@ -158,8 +170,9 @@ def plot(out: pathlib.Path, results: list[dict], base_ppl):
     ax.axhline(base_ppl, color="gray", ls="--", lw=1, label=f"base ({base_ppl:.1f})")
     ax.legend()
   ax.set_xscale("log")
+  ax.set_yscale("log")
   ax.set_xlabel("trainable parameters (log)")
-  ax.set_ylabel("held-out perplexity")
+  ax.set_ylabel("held-out perplexity (log)")
   ax.set_title("SmolLM2-135M on Moby Dick")
   names = [r["name"] for r in ok]
   axes[1].bar(names, [r.get("s_per_step") or 0 for r in ok], color="tab:orange")
