@@ -11,7 +11,8 @@ wrapper that adds two things the command does not report by itself:
 Seconds per step come from ``DIR/metrics.jsonl`` (elapsed time logged every 10 steps): the median
 over the 10-step intervals after step 10, so compilation (first step, and a second length bucket
 compiled later) and the final evaluation are not counted. The command's own ``s/step`` column
-(wall time of ``train()``, compilation and final evaluation included) is kept as ``s/step (cli)``.
+(the mean from the first to the last logged step: the first compile and the final evaluation
+excluded, a later bucket's compile included) is kept as ``s/step (cli)``.
 """
 
 from __future__ import annotations

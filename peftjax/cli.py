@@ -336,6 +336,10 @@ def _add_data_args(p, *, train: bool):
   p.add_argument("--batch-size", type=_pos_int, default=None, help="default: 32 (classification),"
                                                                     " 4 (language model)")
   p.add_argument("--seed", type=int, default=None, help="default: 0")
+  p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
+                 help="activation dtype; bfloat16 = mixed precision (parameters, gradients and "
+                      "optimizer state stay float32, the loss is computed in float32); "
+                      "default: float32" + ("" if train else ", or the run's"))
 
 
 def _add_train_args(p):
@@ -413,13 +417,15 @@ def _check_model(model: str, kind: str):
 
 def _load_task(run: dict, *, eval_limit: int):
   from peftjax import tasks
+  compute_dtype = jnp.dtype(run.get("compute_dtype") or "float32")
   if run["kind"] == "lm":
     return tasks.lm_task(run["model"], run["data"], batch_size=run["batch_size"],
                          seq_len=run["seq_len"], seed=run["seed"], scan_layers=False,
-                         eval_data=run.get("eval_data"))
+                         eval_data=run.get("eval_data"), compute_dtype=compute_dtype)
   return tasks.classification_task(
       run["model"], run["data"], batch_size=run["batch_size"], max_len=run["seq_len"],
       seed=run["seed"], eval_limit=eval_limit or None, eval_data=run.get("eval_data"),
+      compute_dtype=compute_dtype,
       text_column=run["text_column"], label_column=run["label_column"], labels=run.get("labels"))
 
 
@@ -486,7 +492,19 @@ def _table(rows: list[dict], cols: list[str]) -> str:
   return "\n".join(out)
 
 
-def _row(name, tree, metrics, lm: bool, seconds=None, steps=None) -> dict:
+def _step_seconds(history: list) -> Optional[float]:
+  """Seconds per step between the first and the last logged training step.
+
+  The first logged step includes compilation and the last evaluation comes after the last one,
+  so neither is counted. None when fewer than two steps were logged.
+  """
+  steps = [r for r in history if "elapsed_s" in r]
+  if len(steps) < 2 or steps[-1]["step"] <= steps[0]["step"]:
+    return None
+  return (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (steps[-1]["step"] - steps[0]["step"])
+
+
+def _row(name, tree, metrics, lm: bool, step_s: Optional[float] = None) -> dict:
   s = peftjax.summary(tree)
   r = {"model": name, "trainable": f"{s.trainable:,}", "trainable %": f"{100 * s.fraction:.3f}"}
   if lm:
@@ -495,7 +513,7 @@ def _row(name, tree, metrics, lm: bool, seconds=None, steps=None) -> dict:
   else:
     r["test accuracy"] = f"{100 * metrics['accuracy']:.2f}%"
     r["test loss"] = f"{metrics['loss']:.4f}"
-  r["s/step"] = f"{seconds / steps:.3f}" if seconds and steps else "-"
+  r["s/step"] = "-" if step_s is None else f"{step_s:.3f}"
   return r
 
 
@@ -511,6 +529,7 @@ def _run_record(a) -> dict:
           "method": a.method, "options": _method_options(a, a.method),
           "seed": 0 if a.seed is None else a.seed,
           "seq_len": a.seq_len or 64,
+          "compute_dtype": a.compute_dtype or "float32",
           "batch_size": a.batch_size or (4 if kind == "lm" else 32),
           "text_column": a.text_column or "text", "label_column": a.label_column or "label",
           "peftjax_version": peftjax.__version__}
@@ -560,7 +579,6 @@ def cmd_train(a) -> dict:
                    lm))
   if not lm and not a.no_baseline and a.method != "full":
     probe = _with_head(task.params, task.head_targets)
-    t1 = time.perf_counter()
     probe_loader = copy.copy(task.train_loader)  # its own position: the method starts afresh
     probe_loader.restore({"epoch": 0, "index": 0})
     res = train(task.loss_fn, probe, probe_loader,
@@ -568,16 +586,14 @@ def cmd_train(a) -> dict:
                                "learning_rate": 1e-3}),
                 eval_fn=task.eval_fn, eval_data=task.eval_batches)
     rows.append(_row("base + trained head (linear probe)", res.params, res.eval_metrics, lm,
-                     time.perf_counter() - t1, a.steps))
+                     _step_seconds(res.history)))
   tuned = _tune(task.params, run, task.model, task.head_targets)
   mtask = _adapt(task, run)
   print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
-  t1 = time.perf_counter()
   res = train(mtask.loss_fn, tuned, mtask.train_loader, cfg, eval_fn=mtask.eval_fn,
               eval_data=mtask.eval_batches)
-  done = a.steps - res.start_step
   rows.append(_row(f"{a.method}" + ("" if lm or a.method == "full" else " + head"), res.params,
-                   res.eval_metrics, lm, time.perf_counter() - t1, done))
+                   res.eval_metrics, lm, _step_seconds(res.history)))
   if a.method == "diffpruning":
     from peftjax import diff_pruning
     print(f"diffpruning: open gates {100 * float(diff_pruning.open_fraction(res.params)):.3f}% "
@@ -608,7 +624,7 @@ def _eval_run(a) -> tuple[dict, Optional[Path]]:
                         "directory), or --model and --data to evaluate a base model")
     run, adapter = {"method": None, "options": {}, "seed": 0, "labels": None}, None
   for k in ("model", "data", "eval_data", "text_column", "label_column", "seq_len", "batch_size",
-            "seed"):
+            "seed", "compute_dtype"):
     v = getattr(a, k, None)
     if v is not None:
       run[k] = v

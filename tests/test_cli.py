@@ -246,3 +246,19 @@ def test_eval_base_model_on_a_file(capsys, files):
                         "--text-column", "review", "--label-column", "sentiment")
   assert rc == 0, err
   assert "base model (untrained head)" in stdout and "test accuracy" in stdout
+
+
+def test_mixed_precision_run_evaluates_as_trained(capsys, files, tmp_path):
+  out = tmp_path / "run"
+  rc, stdout, err = run(capsys, "train", "--model", files / "llama", "--method", "lora",
+                        "--rank", "2", "--data", files / "text.txt", "--steps", "2",
+                        "--batch-size", "2", "--seq-len", "8", "--compute-dtype", "bfloat16",
+                        "--out", out)
+  assert rc == 0, err
+  assert json.loads((out / "run.json").read_text())["compute_dtype"] == "bfloat16"
+  ppl = json.loads((out / "results.json").read_text())["rows"][-1]["perplexity"]
+  assert np.isfinite(float(ppl))
+  rc, bf16, err = run(capsys, "eval", "--adapter", out)  # bf16 again, from run.json
+  assert rc == 0 and ppl in bf16, err
+  rc, f32, err = run(capsys, "eval", "--adapter", out, "--compute-dtype", "float32")
+  assert rc == 0 and f32 != bf16, err  # f32 activations: (slightly) different figures
