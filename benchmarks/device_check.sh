@@ -14,3 +14,6 @@ timeout 200 python3 benchmarks/quant_matmul.py --sweep --repeats 20 2>&1 | tail 
 echo "== GPU LoRA step, reference shape" | tee "$OUT/gpu_lora_step.txt"
 timeout 90 python3 benchmarks/lora_step.py --shape reference --steps 20 \
   --json "$OUT/gpu_lora_step.json" 2>&1 | tail -20 | tee -a "$OUT/gpu_lora_step.txt"
+echo "== GPU: the benchmark runner's accelerator mode (bf16, larger shapes, tokens/s, MFU)" | tee "$OUT/gpu_bench_device.txt"
+timeout 240 python3 benchmarks/run.py --device --no-setup --out "$OUT/gpu_bench_device.json" \
+  --report "$OUT/gpu_bench_device.md" --figures "$OUT/figures" 2>&1 | tail -40 | tee -a "$OUT/gpu_bench_device.txt"
