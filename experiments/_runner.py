@@ -151,9 +151,9 @@ def load_note(results: list[dict], cpus: int | None) -> str:
   hi, mean = max(loads), sum(loads) / len(loads)
   note = f"1-minute load average during the runs: mean {mean:.1f}, max {hi:.1f} on {cpus} CPUs."
   if cpus and mean > 0.75 * cpus:
-    note += (" **Step times were measured on a shared machine** (other jobs were running, and "
-             "these runs were `nice -n 10`): they are comparable between rows only roughly, and "
-             "are slower than on a quiet machine.")
+    note += (" **Step times were measured on a shared machine** (other jobs ran during some of "
+             "the runs; see each run's load in the JSON): they are comparable between rows only "
+             "roughly, and are slower than on a quiet machine.")
   return note
 
 
