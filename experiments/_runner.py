@@ -57,12 +57,6 @@ sys.exit(rc)
 """
 
 
-def cli_options() -> str:
-  """``peftjax train --help`` (to pass options only where this version has them)."""
-  return subprocess.run([sys.executable, "-m", "peftjax.cli", "train", "--help"],
-                        capture_output=True, text=True, cwd=ROOT).stdout
-
-
 def step_seconds(metrics_jsonl: pathlib.Path) -> dict:
   recs = [json.loads(l) for l in metrics_jsonl.read_text().splitlines() if l.strip()]
   recs = [r for r in recs if "elapsed_s" in r]
@@ -178,3 +172,38 @@ def resume(path: pathlib.Path, a, names: list[str]) -> tuple[list[dict], dict | 
     base = {"nll": base["nll"]}
   print(f"resuming: {', '.join(r['name'] for r in keep) or 'nothing'} already done", flush=True)
   return keep, base
+
+
+def run_all(experiment: str, a, methods: dict, names: list[str], common: list[str],
+            write) -> None:
+  """Runs ``peftjax train *common --method M --lr LR *extra`` for each name not yet done.
+
+  ``methods`` maps a row name to ``(method, extra options, lr, why)``; ``write(out, a, machine,
+  results, base, final=False)`` rewrites the report after every method (so a stopped run keeps
+  what it finished, and ``--resume`` continues it); ``--report`` only rewrites it from the JSON.
+  """
+  out = pathlib.Path(a.out)
+  path = out / f"{experiment}.json"
+  info = machine()
+  results, base = [], None
+  if a.resume or a.report:
+    results, base = resume(path, a, list(methods))
+  if a.report:
+    write(out, a, json.loads(path.read_text()).get("machine", info), results, base, final=True)
+    return
+  done = {r["name"] for r in results}
+  for n in names:
+    if n in done:
+      continue
+    method, extra, lr, _ = methods[n]
+    args = [*common, "--method", method, "--lr", f"{lr:g}", "--save-every", str(a.steps), *extra]
+    print(f"== {n}: peftjax train {' '.join(args)}", flush=True)
+    r = run_method(n, args, base_metrics=base, log_dir=out / "logs" / experiment)
+    r["lr"] = lr
+    if base is None and r.get("base_metrics"):
+      base = r["base_metrics"]
+    print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)
+    results.append(r)
+    results.sort(key=lambda r: list(methods).index(r["name"]))
+    write(out, a, info, results, base)
+  write(out, a, info, results, base, final=True)

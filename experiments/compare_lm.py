@@ -48,41 +48,13 @@ def main(argv=None):
   ap.add_argument("--resume", action="store_true",
                   help="keep the methods already in OUT/compare_lm.json (same settings) and run the rest")
   a = ap.parse_args(argv)
-  out = pathlib.Path(a.out)
   names = [m for m in a.methods.split(",") if m]
   for n in names:
     if n not in METHODS:
       ap.error(f"unknown method {n!r}; choose from {', '.join(METHODS)}")
-  has_save_every = "--save-every" in _runner.cli_options()
-  info = _runner.machine()
-  results, base = [], None
-  if a.resume or a.report:
-    results, base = _runner.resume(out / "compare_lm.json", a, list(METHODS))
-  if a.report:
-    import json
-    old = json.loads((out / "compare_lm.json").read_text())
-    write(out, a, old.get("machine", info), results, base, final=True)
-    return
-  done = {r["name"] for r in results}
-  for n in names:
-    if n in done:
-      continue
-    method, extra, lr, _ = METHODS[n]
-    args = ["--model", "smollm2", "--data", "moby_dick", "--method", method, "--steps",
-            str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
-            "--lr", f"{lr:g}", *extra]
-    if has_save_every:
-      args += ["--save-every", str(a.steps)]
-    print(f"== {n}: peftjax train {' '.join(args)}", flush=True)
-    r = _runner.run_method(n, args, base_metrics=base, log_dir=out / "logs" / "compare_lm")
-    r["lr"] = lr
-    if base is None and r.get("base_metrics"):
-      base = r["base_metrics"]
-    print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)
-    results.append(r)
-    results.sort(key=lambda r: list(METHODS).index(r["name"]))
-    write(out, a, info, results, base)
-  write(out, a, info, results, base, final=True)
+  _runner.run_all("compare_lm", a, METHODS, names, [
+      "--model", "smollm2", "--data", "moby_dick", "--steps", str(a.steps), "--batch-size",
+      str(a.batch_size), "--seq-len", str(a.seq_len)], write)
 
 
 def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | None,
