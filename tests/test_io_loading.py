@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import struct
 
@@ -15,7 +16,8 @@ from _model_fixtures import (gguf_vocab, make_hf_bert, make_hf_llama, padded_bat
                              smollm2, torch_or_skip, write_tiny_gguf)
 from peftjax.io import fetch, from_gguf, from_pretrained, save_pretrained
 from peftjax.io.gguf import permute_for_gguf, unpermute_from_gguf
-from peftjax.io.hf import SafetensorsFile, write_safetensors
+from peftjax.io.safetensors import (SafetensorsFile, SafetensorsSource, write_safetensors,
+                                    write_sharded)
 from peftjax.models import generate
 
 
@@ -132,6 +134,156 @@ def test_safetensors_writer_reader_round_trip(tmp_path):
   assert f.metadata == {"format": "pt"}
   from safetensors.numpy import load_file  # the reference reader agrees
   np.testing.assert_array_equal(load_file(tmp_path / "x.safetensors")["a"], arrs["a"])
+
+
+def _write(path, arrs, metadata=None):
+  write_safetensors(path, [(k, v.dtype, v.shape, lambda v=v: v) for k, v in arrs.items()], metadata)
+  return path
+
+
+def test_safetensors_every_dtype_round_trips(tmp_path):
+  # float8 is read by our own code (safe_open's numpy framework cannot); the rest by the package
+  rng = np.random.RandomState(0)
+  vals = rng.randn(3, 5).astype(np.float32)
+  arrs = {dt.name: (vals * 10).astype(dt) for dt in map(np.dtype, (
+      np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
+      ml_dtypes.float8_e5m2, np.int64, np.int32, np.int16, np.int8, np.uint64, np.uint32,
+      np.uint16, np.uint8, np.bool_))}
+  arrs["scalar"] = np.array(2.5, ml_dtypes.bfloat16)
+  arrs["empty"] = np.zeros((0, 4), np.float16)
+  path = _write(tmp_path / "all.safetensors", arrs)
+  with SafetensorsFile(path) as f:
+    assert f.metadata == {}
+    assert set(f.keys()) == set(arrs)
+    for k, v in arrs.items():
+      got = f.get(k)
+      assert got.dtype == v.dtype and got.shape == v.shape == f.shape(k), k
+      assert f.dtype(k) == v.dtype
+      np.testing.assert_array_equal(got.reshape(-1).view(np.uint8), v.reshape(-1).view(np.uint8),
+                                    err_msg=k)
+  # the file is standard: the package reads the dtypes it can, bit for bit
+  from safetensors import safe_open
+  with safe_open(str(path), framework="numpy") as g:
+    for k in ("bfloat16", "float16", "int8", "bool"):
+      np.testing.assert_array_equal(g.get_tensor(k), arrs[k])
+
+
+def test_safetensors_bf16_is_exact(tmp_path):
+  a = np.array([1.0, -2.5, 3.140625, 65280.0, 1e-38, -0.0], np.float32).astype(ml_dtypes.bfloat16)
+  path = _write(tmp_path / "b.safetensors", {"w": a.reshape(2, 3)}, {"format": "pt"})
+  got = SafetensorsFile(path).get("w")
+  assert got.dtype == np.dtype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(got.reshape(-1).view(np.uint16), a.view(np.uint16))
+  torch = pytest.importorskip("torch")  # and PyTorch reads what we wrote
+  from safetensors.torch import load_file
+  t = load_file(path)["w"]
+  assert t.dtype == torch.bfloat16
+  np.testing.assert_array_equal(t.float().numpy().reshape(-1), a.astype(np.float32))
+
+
+def test_safetensors_writer_streams_one_tensor_at_a_time(tmp_path):
+  """A tensor is produced only once the previous one is released (save_pretrained's peak)."""
+  import weakref
+  path = tmp_path / "s.safetensors"
+  produced = []
+
+  def produce(i):
+    assert all(r() is None for r in produced), f"tensor {i}: an earlier tensor is still held"
+    a = np.full((256,), i, np.float32)
+    produced.append(weakref.ref(a))
+    return a
+
+  n = write_safetensors(path, [(f"t{i}", np.float32, (256,), lambda i=i: produce(i))
+                               for i in range(4)])
+  assert n == 4 * 1024 and len(produced) == 4
+  f = SafetensorsFile(path)
+  for i in range(4):
+    np.testing.assert_array_equal(f.get(f"t{i}"), np.full((256,), i, np.float32))
+  with pytest.raises(ValueError, match=r"tensor 'x': produced shape \(3,\), declared \(4,\)"):
+    write_safetensors(tmp_path / "bad.safetensors", [("x", np.float32, (4,), lambda: np.ones(3))])
+
+
+def test_write_sharded_and_read_back(tmp_path):
+  arrs = {f"t{i}": np.full((100,), i, np.float32) for i in range(5)}  # 400 bytes each
+  entries = [(k, v.dtype, v.shape, lambda v=v: v) for k, v in arrs.items()]
+  assert write_sharded(tmp_path, entries, {"format": "pt"}, max_shard_size=1000) == [
+      "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+      "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert index["metadata"]["total_size"] == 2000
+  assert index["weight_map"]["t4"] == "model-00003-of-00003.safetensors"
+  src = SafetensorsSource(tmp_path)
+  assert src.names() == set(arrs)
+  for k, v in arrs.items():
+    np.testing.assert_array_equal(src.get(k), v)
+  assert src.where("t2").endswith("model-00002-of-00003.safetensors")
+  # rewriting as a single file removes the old shards and index
+  assert write_sharded(tmp_path, entries, max_shard_size="5GB") == ["model.safetensors"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+  assert SafetensorsSource(tmp_path).names() == set(arrs)
+  with pytest.raises(ValueError, match="cannot parse a size from 'lots'"):
+    write_sharded(tmp_path, entries, max_shard_size="lots")
+
+
+def test_corrupt_safetensors_files_are_named(tmp_path):
+  good = _write(tmp_path / "good.safetensors",
+                {"a": np.ones((4, 4), np.float32), "b": np.ones(8, ml_dtypes.bfloat16)},
+                {"format": "pt"}).read_bytes()
+  n = struct.unpack("<Q", good[:8])[0]
+  header = json.loads(good[8:8 + n])
+
+  def with_header(**changes):
+    h = {**header, **changes}
+    raw = json.dumps(h).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + good[8 + n:]
+
+  cases = {
+      "cut": (good[:-4], r"tensor 'b' \(dtype BF16, shape \[8\]\) has data offsets \[64, 80\] "
+                         r"inconsistent .*truncated"),
+      "tiny": (b"\x01\x02", r"not a safetensors file \(only 2 bytes\)"),
+      "long_header": (struct.pack("<Q", 10 ** 9) + good[8:], "header length 1000000000 exceeds the "
+                                                            "file size"),
+      "garbage": (good[:8] + b"\xff" * 16 + good[24:], "header is not valid JSON"),
+      "not_object": (struct.pack("<Q", 8) + b"[1,2,3] " + good[8 + n:],
+                     "header is not a JSON object"),
+      "bad_entry": (with_header(a={"dtype": "F32", "shape": "x", "data_offsets": [0, 64]}),
+                    r"bad header entry for tensor 'a'"),
+      # a dtype the package accepts but peftjax does not read
+      "complex": (with_header(a={"dtype": "C64", "shape": [4, 2], "data_offsets": [0, 64]}),
+                  r"tensor 'a' has unsupported dtype 'C64'; supported: \['BF16'"),
+      # only the package objects to these: its reason comes after the file name
+      "trailing": (good + b"\0" * 8, r"corrupt safetensors file \(.+\)"),
+      "overlap": (with_header(b={"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}),
+                  r"corrupt safetensors file \(.+\)"),
+  }
+  for name, (data, message) in cases.items():
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{message}"):
+      SafetensorsFile(path)
+  with pytest.raises(FileNotFoundError):
+    SafetensorsFile(tmp_path / "absent.safetensors")
+
+
+def test_safetensors_header_limit(tmp_path):
+  path = tmp_path / "big_header.safetensors"
+  n = 100_000_008  # the package's limit is 100_000_000 bytes; a sparse file holds the claim
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", n))
+    f.seek(8 + n)
+    f.write(b"\0")
+  with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*header length {n} exceeds the "
+                                       "limit of 100000000 bytes"):
+    SafetensorsFile(path)
+
+
+def test_hf_keeps_the_moved_names():
+  import peftjax.io.hf as hf
+  import peftjax.io.safetensors as st
+  for name in ("read_safetensors_header", "SafetensorsFile", "SafetensorsSource",
+               "write_safetensors"):
+    assert getattr(hf, name) is getattr(st, name), name
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,35 +1,28 @@
 """Hugging Face model directories: :func:`from_pretrained` and :func:`save_pretrained`.
 
 Weights are read from ``*.safetensors`` (one file, or shards listed by
-``model.safetensors.index.json``) through a memory map: each tensor is converted straight into the
-target dtype and placed on the device one at a time, so loading never holds a second full copy of
-the model (a layer-stacked parameter costs one stacked leaf of host memory while it is built).
-Saving streams tensors to disk the same way and writes a ``config.json`` that ``transformers``
-(PyTorch) reads.
-
-The safetensors format is read and written here directly (8-byte header length, JSON header,
-raw little-endian data) rather than through ``safetensors.numpy``: it handles bfloat16/float8 via
-``ml_dtypes`` (NumPy has no bfloat16) and turns every malformed file into a ``ValueError`` that
-names the file.
+``model.safetensors.index.json``) through :mod:`peftjax.io.safetensors`: each tensor is read lazily,
+converted straight into the target dtype and placed on the device one at a time, so loading never
+holds a second full copy of the model (a layer-stacked parameter costs one stacked leaf of host
+memory while it is built). Saving streams tensors to disk the same way and writes a
+``config.json`` that ``transformers`` (PyTorch) reads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
-import struct
 import zlib
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from peftjax.io import safetensors as _st
 from peftjax.models import bert as _bert
 from peftjax.models import llama as _llama
 from peftjax.models.common import TensorSpec
@@ -38,6 +31,12 @@ log = logging.getLogger("peftjax.io")
 
 __all__ = ["Pretrained", "from_pretrained", "save_pretrained", "SUPPORTED_MODEL_TYPES",
            "read_safetensors_header", "SafetensorsFile", "write_safetensors"]
+
+# Moved to peftjax.io.safetensors; still importable from here.
+read_safetensors_header = _st.read_safetensors_header
+SafetensorsFile = _st.SafetensorsFile
+SafetensorsSource = _st.SafetensorsSource
+write_safetensors = _st.write_safetensors
 
 #: Every Hugging Face ``model_type`` the loaders accept.
 SUPPORTED_MODEL_TYPES = tuple(_llama.SUPPORTED_MODEL_TYPES) + tuple(_bert.SUPPORTED_MODEL_TYPES)
@@ -54,193 +53,6 @@ class Pretrained(NamedTuple):
   model: Any
   params: Any
   tokenizer: Any
-
-
-# ================================================================================================
-# safetensors
-# ================================================================================================
-
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
-    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
-  """Parses and validates a safetensors header.
-
-  Returns:
-    ``(tensors, metadata, data_start)``: ``tensors[name] = (np.dtype, shape, begin, end)`` with
-    offsets relative to ``data_start``.
-
-  Raises:
-    ValueError: naming ``path``, for a truncated file, a bad header length, invalid JSON, an unknown
-      dtype, or offsets that do not match shapes or the file size.
-  """
-  path = Path(path)
-  size = path.stat().st_size
-  if size < 8:
-    raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > min(size - 8, _MAX_HEADER):
-      raise ValueError(f"{path}: corrupt safetensors file: header length {n} exceeds the file "
-                       f"size {size}")
-    raw = f.read(n)
-  try:
-    header = json.loads(raw.decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: corrupt safetensors file: header is not valid JSON ({e})") from None
-  if not isinstance(header, dict):
-    raise ValueError(f"{path}: corrupt safetensors file: header is not a JSON object")
-  metadata = header.pop("__metadata__", None) or {}
-  data_size = size - 8 - n
-  tensors = {}
-  for name, info in header.items():
-    try:
-      dt = info["dtype"]
-      shape = tuple(int(s) for s in info["shape"])
-      begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-      raise ValueError(f"{path}: corrupt safetensors file: bad header entry for tensor {name!r}: "
-                       f"{info!r}") from None
-    if dt not in _ST_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}; supported: "
-                       f"{sorted(_ST_DTYPES)}")
-    nbytes = math.prod(shape) * _ST_DTYPES[dt].itemsize
-    if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
-      raise ValueError(f"{path}: corrupt safetensors file: tensor {name!r} (dtype {dt}, shape "
-                       f"{list(shape)}) has data offsets [{begin}, {end}] inconsistent with its "
-                       f"size {nbytes} or the data section ({data_size} bytes); the file may be "
-                       "truncated")
-    tensors[name] = (_ST_DTYPES[dt], shape, begin, end)
-  return tensors, metadata, 8 + n
-
-
-class SafetensorsFile:
-  """A memory-mapped safetensors file: ``get(name)`` is a read-only NumPy view (no copy)."""
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = Path(path)
-    self.tensors, self.metadata, self._start = read_safetensors_header(self.path)
-    self._mm = None
-
-  def keys(self):
-    return self.tensors.keys()
-
-  def shape(self, name: str) -> tuple:
-    return self.tensors[name][1]
-
-  def get(self, name: str) -> np.ndarray:
-    dtype, shape, begin, end = self.tensors[name]
-    if self._mm is None:
-      self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-    buf = self._mm[self._start + begin:self._start + end]
-    return buf.view(dtype).reshape(shape)
-
-
-def _st_header(entries: Sequence[tuple[str, np.dtype, tuple]],
-               metadata: Optional[dict]) -> tuple[bytes, int]:
-  header: dict = {}
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  off = 0
-  for name, dtype, shape in entries:
-    dtype = np.dtype(dtype)
-    if dtype not in _ST_NAMES:
-      raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-    n = math.prod(shape) * dtype.itemsize
-    header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
-    off += n
-  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  raw += b" " * (-len(raw) % 8)
-  return raw, off
-
-
-def write_safetensors(path: str | os.PathLike,
-                      tensors: Sequence[tuple[str, np.dtype, tuple, Callable[[], np.ndarray]]],
-                      metadata: Optional[dict] = None) -> int:
-  """Writes a safetensors file, producing one tensor at a time.
-
-  Args:
-    path: output file.
-    tensors: ``(name, dtype, shape, produce)``; ``produce()`` returns the array when it is written.
-    metadata: string metadata (``{"format": "pt"}`` for PyTorch loaders).
-
-  Returns:
-    Number of data bytes written.
-  """
-  raw, total = _st_header([(n, d, s) for n, d, s, _ in tensors], metadata)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for name, dtype, shape, produce in tensors:
-      arr = np.ascontiguousarray(np.asarray(produce()), dtype=dtype)
-      if arr.shape != tuple(shape):
-        raise ValueError(f"tensor {name!r}: produced shape {arr.shape}, declared {tuple(shape)}")
-      f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
-  return total
-
-
-# ================================================================================================
-# Checkpoint sources: name -> array in Hugging Face layout
-# ================================================================================================
-
-class SafetensorsSource:
-  """All tensors of an HF directory (single file or sharded through the index)."""
-
-  def __init__(self, directory: Path):
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    files: list[Path]
-    self._where: dict[str, SafetensorsFile] = {}
-    if index.exists():
-      try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-      opened: dict[str, SafetensorsFile] = {}
-      for name, fname in weight_map.items():
-        if fname not in opened:
-          fpath = directory / fname
-          if not fpath.exists():
-            raise ValueError(f"{index}: shard {fname!r} (holding {name!r}) does not exist")
-          opened[fname] = SafetensorsFile(fpath)
-        if name not in opened[fname].tensors:
-          raise ValueError(f"{index}: tensor {name!r} is listed in shard {fname!r} but is not in "
-                           "that file")
-        self._where[name] = opened[fname]
-    else:
-      files = sorted(directory.glob("*.safetensors"))
-      if not files:
-        others = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".h5",
-                                                                      ".msgpack", ".gguf")]
-        hint = (f" (found {others}: convert them to safetensors, or use from_gguf for .gguf)"
-                if others else "")
-        raise ValueError(f"{directory}: no *.safetensors weights{hint}")
-      for fpath in files:
-        sf = SafetensorsFile(fpath)
-        for name in sf.keys():
-          self._where[name] = sf
-    self.description = str(directory)
-
-  def names(self) -> set:
-    return set(self._where)
-
-  def shape(self, name: str) -> tuple:
-    return self._where[name].shape(name)
-
-  def get(self, name: str) -> np.ndarray:
-    return self._where[name].get(name)
-
-  def where(self, name: str) -> str:
-    return str(self._where[name].path)
 
 
 # ================================================================================================
@@ -577,15 +389,6 @@ def _materialize(params):
   return jax.tree_util.tree_map(materialize, params, is_leaf=is_node)
 
 
-def _parse_size(size) -> int:
-  if isinstance(size, int):
-    return size
-  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", str(size).upper())
-  if not m:
-    raise ValueError(f"cannot parse a size from {size!r}; use an int or e.g. '2GB'")
-  return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
-
-
 def _model_for_save(params, config_or_model):
   """A model instance matching ``params`` (scan/no-scan, heads) for the layout."""
   import flax.linen as nn
@@ -704,30 +507,7 @@ def save_pretrained(params: Any, config: Any, path: str | os.PathLike, *, tokeni
                      + " (adapters such as prompts/prefixes are saved separately)")
 
   path.mkdir(parents=True, exist_ok=True)
-  for old in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
-    if old.exists():
-      old.unlink()
-  limit = _parse_size(max_shard_size)
-  shards: list[list] = [[]]
-  size = 0
-  for e in entries:
-    n = math.prod(e[2]) * e[1].itemsize
-    if shards[-1] and size + n > limit:
-      shards.append([])
-      size = 0
-    shards[-1].append(e)
-    size += n
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    write_safetensors(path / "model.safetensors", shards[0], meta)
-  else:
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
-      fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-      total += write_safetensors(path / fname, shard, meta)
-      weight_map.update({e[0]: fname for e in shard})
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  _st.write_sharded(path, entries, {"format": "pt"}, max_shard_size=max_shard_size)
   dt = np.dtype(dtype) if dtype is not None else np.dtype(entries[0][1])
   hf_cfg["dtype"] = hf_cfg["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16",
                                              "float16": "float16"}.get(dt.name, "float32")
