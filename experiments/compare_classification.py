@@ -27,16 +27,16 @@ METHODS = {
     "lora": ("lora", ["--rank", "8", "--alpha", "16"], 1e-3, "LoRA on encoders: 5e-4 to 1e-3 "
              "(Hu et al.)"),
     "qlora": ("qlora", ["--rank", "8", "--alpha", "16"], 1e-3, "as LoRA"),
-    "adapter-houlsby": ("adapter", ["--placement", "houlsby", "--bottleneck", "64"], 1e-3,
+    "adapter-houlsby": ("adapters", ["--placement", "houlsby", "--bottleneck", "64"], 1e-3,
                         "Houlsby et al.: 1e-4 to 1e-3; the top of the range for a short run"),
-    "adapter-pfeiffer": ("adapter", ["--placement", "pfeiffer", "--bottleneck", "64"], 1e-3,
+    "adapter-pfeiffer": ("adapters", ["--placement", "pfeiffer", "--bottleneck", "64"], 1e-3,
                          "as Houlsby"),
     "ia3": ("ia3", [], 1e-2, "scaling vectors need a large lr (IA3: 3e-3 for T0; 1e-2 for a "
             "short run)"),
     "bitfit": ("bitfit", [], 1e-3, "Ben Zaken et al.: 1e-4 to 1e-3"),
     "partial": ("partial", ["--top-layers", "2"], 1e-4, "the top layers train fully: as full "
                 "fine-tuning"),
-    "diffpruning": ("diffpruning", ["--density", "0.005"], 1e-3, "the command's default"),
+    "diffpruning": ("diff_pruning", ["--density", "0.005"], 1e-3, "the command's default"),
     "prompt": ("prompt", ["--n-tokens", "20"], 3e-2, "prompt tuning needs a large lr (Lester "
                "et al. 0.3 with Adafactor; 3e-2 with Adam)"),
     "prefix": ("prefix", ["--n-tokens", "20"], 1e-2, "prefix tuning: P-tuning v2 uses 5e-3 to "

@@ -3,7 +3,8 @@
 Methods are modules with an ``apply(params, ...)`` that rewrites the tree:
 ``peftjax.lora``, ``qlora``, ``quant`` (reparameterization); ``adapters``, ``ia3``, ``prompt``,
 ``prefix``, ``ptuning`` (additive); ``bitfit``, ``partial``, ``diff_pruning``, ``auto``
-(selective); ``compose`` combines them. ``lift`` runs any JAX function on the rewritten tree;
+(selective); ``full``; ``compose`` combines them. Each method module exports its ``METHOD``
+record; ``peftjax.methods`` is the registry. ``lift`` runs any JAX function on the rewritten tree;
 ``split``/``combine``/``optimizer``/``trainable_mask`` partition it; ``merge`` folds it back.
 
 >>> import jax, jax.numpy as jnp, optax, peftjax
@@ -16,22 +17,27 @@ Methods are modules with an ``apply(params, ...)`` that rewrites the tree:
 
 import importlib
 
-from peftjax import lora
+from peftjax import lora, methods
 from peftjax.compose import compose, to_config as compose_config
+from peftjax._src.additive import finalize
 from peftjax._src.lift import lift
-from peftjax._src.nodes import Node, is_node
+from peftjax._src.method import Method, Option
+from peftjax._src.nodes import Node, is_node, node_dataclass, set_rng, static_field
 from peftjax._src.partition import (Summary, combine, merge, optimizer, split, summary,
                                     trainable_mask)
+from peftjax._src.tuned import Tuned, as_tuned, forward, generate
 
 __version__ = "0.1.0"
 
 # Submodules imported on first attribute access, so `import peftjax` stays light.
 _SUBMODULES = ("qlora", "quant", "adapters", "ia3", "prompt", "prefix", "ptuning", "bitfit",
-               "partial", "diff_pruning", "auto", "models", "io", "train", "data",
+               "partial", "diff_pruning", "full", "auto", "models", "io", "train", "data",
                "tasks", "testing", "cli")
 
-__all__ = ["lora", *_SUBMODULES, "compose", "compose_config", "lift", "merge", "split", "combine", "optimizer",
-           "trainable_mask", "summary", "Summary", "Node", "is_node"]
+__all__ = ["lora", "methods", *_SUBMODULES, "compose", "compose_config", "lift", "merge", "split",
+           "combine", "optimizer", "trainable_mask", "summary", "Summary", "Node", "is_node",
+           "node_dataclass", "static_field", "set_rng", "Method", "Option", "Tuned", "as_tuned",
+           "forward", "generate", "finalize"]
 
 
 def __getattr__(name):

@@ -50,6 +50,7 @@ from peftjax._src import nodes as nodes_lib
 from peftjax._src import targeting
 from peftjax._src.nodes import Node, is_node, node_dataclass, static_field
 from peftjax.lora import default_layout
+from peftjax._src import method as method_lib
 
 __all__ = ["BottleneckAdapter", "apply", "remove", "PLACEMENTS"]
 
@@ -91,15 +92,11 @@ class BottleneckAdapter(Node):
   scale: float = static_field(default=1.0)
   parallel: bool = static_field(default=False)
 
+  type_id = "bottleneck_adapter"
+  base_field = "w"
+  mergeable = False  # y + up(f(down(y))) is not x @ W' for any W'
   trainable_fields = ("down", "down_bias", "up", "up_bias")
 
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
 
   @property
   def n_batch(self) -> int:
@@ -251,3 +248,13 @@ def remove(params):
   """
   return jax.tree_util.tree_map(lambda x: x.w if isinstance(x, BottleneckAdapter) else x, params,
                                 is_leaf=is_node)
+
+
+METHOD = method_lib.Method(
+    name="adapters", apply=apply, description="bottleneck adapters (Houlsby/Pfeiffer/parallel)",
+    options=(method_lib.Option("bottleneck", 64, "adapter hidden width",
+                               type=method_lib.positive_int),
+             method_lib.Option("placement", "houlsby", "where adapters go",
+                               choices=("houlsby", "pfeiffer", "parallel")),
+             method_lib.TARGETS),
+    mergeable=False, aliases=("adapter",))

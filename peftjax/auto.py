@@ -25,14 +25,13 @@ its key, and ties are broken by path order.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax._src import targeting
+from peftjax._src import selective, targeting
 from peftjax._src.nodes import is_node
 from peftjax._src.selective import (SliceTrainable, SparseDelta, Trainable, check_plain_float,
                                     leaf_predicate)
@@ -149,10 +148,10 @@ def random_scores(params, key, *, targets=None):
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
   cands = _candidates(params, targets)
-  salts = [zlib.crc32(p.encode()) & 0x7FFFFFFF for p, _ in cands]
+  paths = [p for p, _ in cands]
   shapes = [tuple(x.shape) for _, x in cands]
-  draw = jax.jit(lambda key: [jax.random.uniform(jax.random.fold_in(key, s), shape, jnp.float32)
-                              for s, shape in zip(salts, shapes)])
+  draw = jax.jit(lambda key: [jax.random.uniform(targeting.path_key(key, p), shape, jnp.float32)
+                              for p, shape in zip(paths, shapes)])
   return _scores_tree(params, dict(zip([p for p, _ in cands], draw(key))))
 
 
@@ -163,16 +162,6 @@ def _check_budget(budget, total: int, what: str):
     raise ValueError(f"budget={budget} is larger than the {total} {what} available; use at most "
                      f"{total}")
   return int(budget)
-
-
-def _top_k(mags: np.ndarray, k: int) -> np.ndarray:
-  """Sorted flat positions of the ``k`` largest values (ties: lower position first)."""
-  if k == mags.size:
-    return np.arange(mags.size)
-  kth = np.partition(mags, mags.size - k)[mags.size - k]
-  above = np.flatnonzero(mags > kth)
-  at = np.flatnonzero(mags == kth)[:k - above.size]
-  return np.sort(np.concatenate([above, at]))
 
 
 def select(params, scores, budget: int, *, unit: str = "element"):
@@ -231,7 +220,7 @@ def select(params, scores, budget: int, *, unit: str = "element"):
   new: dict[str, Any] = {}
 
   if unit == "element":
-    keep = _top_k(np.concatenate(mags), budget)
+    keep = selective.top_k(np.concatenate(mags), budget)
     offsets = np.cumsum([0] + [m.size for m in mags])
     for (p, _), lo, hi in zip(scored, offsets[:-1], offsets[1:]):
       idx = keep[(keep >= lo) & (keep < hi)] - lo

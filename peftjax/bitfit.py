@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence, Union
 
 from peftjax._src import targeting
 from peftjax._src.selective import Trainable, check_plain_float, leaf_predicate
+from peftjax._src import method as method_lib
 
 __all__ = ["apply", "bias_paths", "PAPER_MODULES", "Trainable"]
 
@@ -123,3 +124,9 @@ def apply(params, which: Which = "all", *, targets=None):
   for p, x in chosen:
     check_plain_float(p, x, "bitfit")
   return targeting.map_selected(lambda p, x: Trainable(x), params, {p for p, _ in chosen})
+
+
+METHOD = method_lib.Method(
+    name="bitfit", apply=apply, description="train the bias terms only",
+    options=(method_lib.Option("bitfit_which", "all", "all | paper | regex of bias paths",
+                               kwarg="which"),))

@@ -37,13 +37,14 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import peftjax
+from peftjax import methods
 from peftjax.train import TrainConfig, evaluate, train
 
 RUN_FILE = "run.json"
@@ -53,165 +54,11 @@ HEAD_TARGETS = r".*classifier.*"
 
 
 # ------------------------------------------------------------------------------------------------
-# methods
-# ------------------------------------------------------------------------------------------------
-
-class Method(NamedTuple):
-  """A PEFT method as the command line runs it.
-
-  Attributes:
-    apply: ``(params, options, model) -> tree`` (``options``: the method's option values).
-    description: one line for ``peftjax methods``.
-    options: the option names (argparse dests) that apply to it.
-    forward: ``(model) -> forward(tree, input_ids, **kwargs)`` when the method changes the
-      forward pass (soft prompts, prefixes); None for the model's own.
-    prepare: ``(options) -> (tree, key) -> tree`` per training step (dropout keys, gate noise),
-      or None.
-    penalty: ``(options) -> tree -> scalar`` added to the loss, or None.
-    learning_rate: default learning rate.
-  """
-  apply: Callable
-  description: str
-  options: tuple = ()
-  forward: Optional[Callable] = None
-  prepare: Optional[Callable] = None
-  penalty: Optional[Callable] = None
-  learning_rate: float = 1e-3
-
-
-def _key(o):
-  return jax.random.key(o["seed"])
-
-
-def _lora(params, o, model):
-  return peftjax.lora.apply(params, rank=o["rank"], alpha=o["alpha"], targets=o["targets"],
-                            dropout=o["lora_dropout"], key=_key(o))
-
-
-def _qlora(params, o, model):
-  from peftjax import qlora
-  return qlora.apply(params, rank=o["rank"], alpha=o["alpha"], targets=o["targets"],
-                     dropout=o["lora_dropout"], key=_key(o))
-
-
-def _lora_prepare(o):
-  if not o["lora_dropout"]:
-    return None
-  return peftjax.lora.set_dropout_key
-
-
-def _ia3(params, o, model):
-  from peftjax import ia3
-  return ia3.apply(params, targets=o["targets"])
-
-
-def _adapter(params, o, model):
-  from peftjax import adapters
-  return adapters.apply(params, bottleneck=o["bottleneck"], placement=o["placement"],
-                        targets=o["targets"], key=_key(o))
-
-
-def _prompt(params, o, model):
-  from peftjax import prompt
-  return prompt.apply(params, o["n_tokens"], init=o["prompt_init"], key=_key(o))
-
-
-def _prompt_forward(model):
-  from peftjax import prompt
-  return prompt.forward(model)
-
-
-def _prefix(params, o, model):
-  from peftjax import prefix
-  cfg = getattr(model, "config", None)
-  if cfg is None:
-    raise TypeError(f"prefix tuning needs a reference model with a config; got "
-                    f"{type(model).__name__}")
-  return prefix.apply(params, cfg, o["n_tokens"], hidden=o["prefix_hidden"],
-                      projection=not o["no_projection"], key=_key(o))
-
-
-def _prefix_forward(model):
-  from peftjax import prefix
-  return prefix.forward(model)
-
-
-def _ptuning(params, o, model):
-  from peftjax import ptuning
-  return ptuning.apply(params, o["n_tokens"], encoder=o["encoder"], hidden=o["encoder_hidden"],
-                       key=_key(o))
-
-
-def _bitfit(params, o, model):
-  from peftjax import bitfit
-  return bitfit.apply(params, which=o["bitfit_which"])
-
-
-def _partial(params, o, model):
-  from peftjax import partial
-  return partial.apply(params, layers=-o["top_layers"], targets=o["targets"])
-
-
-def _diffpruning(params, o, model):
-  from peftjax import diff_pruning
-  return diff_pruning.apply(params, targets=o["targets"])
-
-
-def _diffpruning_prepare(o):
-  from peftjax import diff_pruning
-  return diff_pruning.set_key
-
-
-def _diffpruning_penalty(o):
-  from peftjax import diff_pruning
-  density, weight = o["density"], o["l0_weight"]
-  return lambda tree: weight * diff_pruning.penalty(tree, density=density)
-
-
-def _full(params, o, model):
-  from peftjax import partial
-  return partial.apply(
-      params, targets=lambda p, x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating))
-
-
-_LORA_OPTS = ("rank", "alpha", "lora_dropout", "targets")
-_PROMPT_OPTS = ("n_tokens",)
-
-#: method name -> :class:`Method`.
-METHODS: dict[str, Method] = {
-    "lora": Method(_lora, "low-rank update W + (alpha/r) A B on the linear layers", _LORA_OPTS,
-                   prepare=_lora_prepare),
-    "qlora": Method(_qlora, "NF4 4-bit base (double quantization) + LoRA on top", _LORA_OPTS,
-                    prepare=_lora_prepare),
-    "adapter": Method(_adapter, "bottleneck adapters (Houlsby/Pfeiffer/parallel)",
-                      ("bottleneck", "placement", "targets")),
-    "ia3": Method(_ia3, "learned scaling of keys, values and the FFN activation", ("targets",),
-                  learning_rate=3e-3),
-    "prompt": Method(_prompt, "prompt tuning: trained soft tokens before the input",
-                     ("n_tokens", "prompt_init"), forward=_prompt_forward, learning_rate=1e-2),
-    "prefix": Method(_prefix, "prefix tuning: trained key/value prefixes in every layer (MLP "
-                     "reparameterized; --no-projection is P-tuning v2)",
-                     ("n_tokens", "prefix_hidden", "no_projection"), forward=_prefix_forward,
-                     learning_rate=5e-3),
-    "ptuning": Method(_ptuning, "P-tuning: virtual tokens from an MLP/LSTM prompt encoder",
-                      ("n_tokens", "encoder", "encoder_hidden"), forward=_prompt_forward,
-                      learning_rate=1e-2),
-    "bitfit": Method(_bitfit, "train the bias terms only", ("bitfit_which",)),
-    "partial": Method(_partial, "train the top --top-layers layers fully",
-                      ("top_layers", "targets"), learning_rate=5e-5),
-    "diffpruning": Method(_diffpruning, "sparse difference W + z*delta with L0 (hard-concrete) "
-                          "gates pushed to --density", ("density", "l0_weight", "targets"),
-                          prepare=_diffpruning_prepare, penalty=_diffpruning_penalty),
-    "full": Method(_full, "full fine-tuning (every floating leaf trains)", learning_rate=5e-5),
-}
-
-
-# ------------------------------------------------------------------------------------------------
 # arguments
 # ------------------------------------------------------------------------------------------------
 
 class _UsageError(Exception):
-  pass
+  """A mistake in what the user asked for: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -221,84 +68,74 @@ class _Parser(argparse.ArgumentParser):
     raise _UsageError(f"{self.prog}: error: {message}")
 
 
-def _checked(kind: str, lo: float, lo_ok: bool, hi: Optional[float] = None):
-  """An argparse ``type``: an int/float ``>= lo`` (``> lo`` unless ``lo_ok``), ``< hi`` if given."""
-  conv = int if kind == "int" else float
-  if hi is not None:
-    what = f"a number in {'[' if lo_ok else '('}{lo:g}, {hi:g})"
-  else:
-    what = {("int", False): "a positive integer", ("int", True): "an integer >= 0",
-            ("float", False): "a positive number", ("float", True): "a number >= 0"}[(kind, lo_ok)]
+class _user_input:
+  """``with _user_input():`` turns the ValueError/TypeError/FileNotFoundError of library code
+  that checks what the user gave (method options, data files, model and run directories) into
+  a one-line usage error. Only such calls run inside; anywhere else an exception is a bug and
+  keeps its traceback."""
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, tb):
+    if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError)):
+      raise _UsageError(str(e)) from e
+    return False
+
+
+def _method(run: dict):
+  with _user_input():
+    return methods.get(run["method"])
+
+
+def _arg_type(convert):
+  """An argparse ``type`` from a method option's converter (its ValueError as argparse's)."""
   def parse(text):
     try:
-      v = conv(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not math.isfinite(v) or v < lo or (v == lo and not lo_ok) or (hi is not None and v >= hi):
-      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return v
+      return convert(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
   return parse
 
 
-_pos_int, _nonneg_int = _checked("int", 0, False), _checked("int", 0, True)
-_pos_float, _nonneg_float = _checked("float", 0, False), _checked("float", 0, True)
-_fraction = _checked("float", 0, False, 1.0)
-
-#: method options: (flag, dest, argparse kwargs, default, help group)
-_METHOD_OPTIONS = [
-    ("--rank", "rank", dict(type=_pos_int), 8, "LoRA rank r"),
-    ("--alpha", "alpha", dict(type=_pos_float), 16.0, "LoRA scale numerator (scale = alpha/r)"),
-    ("--lora-dropout", "lora_dropout", dict(type=_checked("float", 0, True, 1.0)), 0.0,
-     "dropout on the LoRA input while training"),
-    ("--targets", "targets", dict(), None, "regex over parameter paths (default: the method's)"),
-    ("--bottleneck", "bottleneck", dict(type=_pos_int), 64, "adapter hidden width"),
-    ("--placement", "placement", dict(choices=["houlsby", "pfeiffer", "parallel"]), "houlsby",
-     "where adapters go"),
-    ("--n-tokens", "n_tokens", dict(type=_pos_int), 20, "soft tokens / prefix length"),
-    ("--prompt-init", "prompt_init", dict(choices=["vocab", "random"]), "vocab",
-     "soft prompt initialization"),
-    ("--prefix-hidden", "prefix_hidden", dict(type=_pos_int), 512,
-     "width of the prefix reparameterization MLP"),
-    ("--no-projection", "no_projection", dict(action="store_const", const=True), False,
-     "train the prefixes directly, without the MLP (P-tuning v2)"),
-    ("--encoder", "encoder", dict(choices=["mlp", "lstm"]), "mlp", "P-tuning prompt encoder"),
-    ("--encoder-hidden", "encoder_hidden", dict(type=_pos_int), None,
-     "prompt encoder width (default: the model's hidden size)"),
-    ("--bitfit-which", "bitfit_which", dict(), "all", "all | paper | regex of bias paths"),
-    ("--top-layers", "top_layers", dict(type=_pos_int), 2, "how many top layers train"),
-    ("--density", "density", dict(type=_fraction), 0.005,
-     "target fraction of nonzero entries of the difference"),
-    ("--l0-weight", "l0_weight", dict(type=_nonneg_float), 10.0, "weight of the L0 penalty"),
-]
-_OPTION_FLAG = {dest: flag for flag, dest, *_ in _METHOD_OPTIONS}
-_OPTION_DEFAULT = {dest: default for _, dest, _, default, _ in _METHOD_OPTIONS}
-
-_GROUPS = [("LoRA / QLoRA", ("lora", "qlora")), ("bottleneck adapters", ("adapter",)),
-           ("prompt / prefix / P-tuning", ("prompt", "prefix", "ptuning")),
-           ("BitFit", ("bitfit",)), ("partial", ("partial",)), ("DiffPruning", ("diffpruning",)),
-           ("several methods", ())]
+_pos_int, _nonneg_int = _arg_type(methods.positive_int), _arg_type(methods.nonneg_int)
+_pos_float, _nonneg_float = _arg_type(methods.positive_float), _arg_type(methods.nonneg_float)
 
 
-def _methods_of(dest: str) -> list[str]:
-  return [m for m, spec in METHODS.items() if dest in spec.options]
+def _method_options() -> dict:
+  """``{option name: (Option, [methods])}`` over every registered method (shared names once)."""
+  out = {}
+  for m in methods.all_methods().values():
+    for o in m.options:
+      out.setdefault(o.name, (o, []))[1].append(m.name)
+  return out
+
+
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
 
 
 def _add_method_options(p):
-  done = set()
-  for title, methods in _GROUPS:
-    dests = [d for _, d, *_ in _METHOD_OPTIONS if d not in done and
-             (set(_methods_of(d)) <= set(methods) if methods else True)]
-    if not dests:
-      continue
-    g = p.add_argument_group(f"{title} options" if methods else "options of several methods")
-    for flag, dest, kw, default, text in _METHOD_OPTIONS:
-      if dest in dests:
-        shown = "" if default is None or default is False else f" (default: {default:g})" \
-            if isinstance(default, float) else f" (default: {default})"
-        g.add_argument(flag, dest=dest, default=None,
-                       help=f"{text}{shown} [{', '.join(_methods_of(dest))}]", **kw)
-        done.add(dest)
+  """One argument group per method for its own options, one for options several share."""
+  opts = _method_options()
+  groups: dict = {}
+  for name, (o, owners) in opts.items():
+    title = (f"{' / '.join(owners)} options" if len(owners) <= 3 else
+             "options of several methods")
+    groups.setdefault(title, []).append(name)
+  for title, names in sorted(groups.items(), key=lambda kv: kv[0] == "options of several methods"):
+    g = p.add_argument_group(title)
+    for name in names:
+      o, owners = opts[name]
+      d = o.default
+      shown = "" if d is None or d is False else f" (default: {d:g})" if isinstance(d, float) \
+          else f" (default: {d})"
+      kw = (dict(action="store_const", const=True) if o.flag else
+            dict(type=_arg_type(o.type)) if o.type is not None else {})
+      if o.choices is not None:
+        kw["choices"] = list(o.choices)
+      g.add_argument(_flag(name), dest=name, default=None,
+                     help=f"{o.help}{shown} [{', '.join(owners)}]", **kw)
 
 
 _TRAIN_EPILOG = """examples:
@@ -306,7 +143,7 @@ _TRAIN_EPILOG = """examples:
   peftjax train --model minilm --method prompt --n-tokens 20 --data reviews.csv \\
       --text-column review --label-column sentiment --out run/
   peftjax train --model smollm2 --method qlora --rank 16 --data moby_dick --steps 50 --seq-len 128
-  peftjax train --model minilm --method diffpruning --density 0.01 --data rotten_tomatoes
+  peftjax train --model minilm --method diff_pruning --density 0.01 --data rotten_tomatoes
 
 Options of another method are an error (--rank with --method ia3). Running the same command with
 the same --out again resumes from the last checkpoint in OUT/checkpoints.
@@ -344,8 +181,9 @@ def _add_data_args(p, *, train: bool):
 
 def _add_train_args(p):
   _add_data_args(p, train=True)
-  p.add_argument("--method", default="lora", choices=list(METHODS),
-                 help="PEFT method (default: lora; see `peftjax methods`)")
+  p.add_argument("--method", default="lora", choices=methods.names(aliases=True),
+                 metavar="METHOD", help="PEFT method: " + ", ".join(methods.names()) +
+                 " (default: lora; see `peftjax methods`)")
   p.add_argument("--steps", type=_pos_int, default=300, help="optimizer steps (default: 300)")
   p.add_argument("--lr", type=_pos_float, default=None,
                  help="learning rate (default: the method's, e.g. 1e-3 LoRA, 5e-5 full)")
@@ -365,18 +203,15 @@ def _add_train_args(p):
   _add_method_options(p)
 
 
-def _method_options(a, method: str) -> dict:
+def _options_given(a, method) -> dict:
   """The method's option values (defaults filled in); an explicitly passed option that does not
   apply to ``method`` is an error."""
-  spec = METHODS[method]
-  for dest, flag in _OPTION_FLAG.items():
-    if getattr(a, dest, None) is not None and dest not in spec.options:
-      where = _methods_of(dest)
-      raise _UsageError(f"peftjax {a.cmd}: error: {flag} does not apply to --method {method} "
-                        f"(it applies to: {', '.join(where)})")
-  opts = {d: (getattr(a, d) if getattr(a, d) is not None else _OPTION_DEFAULT[d])
-          for d in spec.options}
-  return opts
+  for name, (_, owners) in _method_options().items():
+    if getattr(a, name, None) is not None and method.name not in owners:
+      raise _UsageError(f"peftjax {a.cmd}: error: {_flag(name)} does not apply to --method "
+                        f"{method.name} (it applies to: {', '.join(owners)})")
+  with _user_input():
+    return method.option_values({o.name: getattr(a, o.name, None) for o in method.options})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,10 +229,10 @@ def _data_kind(data: str) -> str:
   elif suffix == ".txt":
     kind = "lm"
   else:
-    raise ValueError(f"unknown dataset {data!r}: use rotten_tomatoes, moby_dick, or a path to a "
+    raise _UsageError(f"unknown dataset {data!r}: use rotten_tomatoes, moby_dick, or a path to a "
                      f".csv/.tsv/.jsonl (classification) or .txt (language model) file")
   if not Path(data).is_file():
-    raise FileNotFoundError(f"data file {data} does not exist")
+    raise _UsageError(f"data file {data} does not exist")
   return kind
 
 
@@ -406,16 +241,23 @@ _ENCODERS, _DECODERS = {"minilm"}, {"smollm2"}
 
 def _check_model(model: str, kind: str):
   if kind == "classification" and model in _DECODERS:
-    raise ValueError(f"--model {model} is a decoder; sentence classification needs an encoder "
+    raise _UsageError(f"--model {model} is a decoder; sentence classification needs an encoder "
                      f"(BERT family, e.g. --model minilm)")
   if kind == "lm" and model in _ENCODERS:
-    raise ValueError(f"--model {model} is an encoder; language modelling needs a decoder "
+    raise _UsageError(f"--model {model} is an encoder; language modelling needs a decoder "
                      f"(Llama family, e.g. --model smollm2)")
   from peftjax import tasks
-  tasks.resolve_model(model)  # unknown names fail here, before any data is read
+  with _user_input():
+    tasks.resolve_model(model)  # unknown names fail here, before any data is read
 
 
 def _load_task(run: dict, *, eval_limit: int):
+  """The task of a run: model and data loaded (the user's files: their errors are usage errors)."""
+  with _user_input():
+    return _task_of(run, eval_limit)
+
+
+def _task_of(run: dict, eval_limit: int):
   from peftjax import tasks
   compute_dtype = jnp.dtype(run.get("compute_dtype") or "float32")
   if run["kind"] == "lm":
@@ -434,50 +276,56 @@ def _with_head(tree, head_targets):
   if head_targets is None:
     return tree
   from peftjax import partial
+  from peftjax._src import targeting
   head = re.compile(head_targets)
-  # Leaves a method already made trainable (BitFit's head bias, say) stay as they are.
-  return partial.apply(tree, targets=lambda p, x: bool(head.fullmatch(p)) and
-                       not peftjax.is_node(x))
+  # Leaves a method already made trainable (BitFit's head bias, full fine-tuning) stay as they are.
+  pick = lambda p, x: bool(head.fullmatch(p)) and not peftjax.is_node(x)
+  if not any(pick(p, x) for p, x in targeting.leaves_with_paths(tree)):
+    return tree
+  return partial.apply(tree, targets=pick)
 
 
-def _tune(params, run: dict, model, head_targets):
-  """The method's tree (with the head trainable for classification), as ``train`` builds it."""
-  tuned = METHODS[run["method"]].apply(params, {**run["options"], "seed": run["seed"]}, model)
-  if run["kind"] == "classification" and run["method"] != "full":
-    tuned = _with_head(tuned, head_targets)
-  return tuned
+def _tune(params, run: dict, model, head_targets) -> tuple:
+  """``(tree, head added)``: the method's tree, with the head made trainable for classification
+  unless the method trains it already, as ``train`` builds it."""
+  method = _method(run)
+  with _user_input():
+    tuned = method.build(params, run["options"], model=model, key=jax.random.key(run["seed"]))
+  if run["kind"] != "classification":
+    return tuned, False
+  headed = _with_head(tuned, head_targets)
+  return headed, headed is not tuned
 
 
 def _adapt(task, run: dict):
-  spec = METHODS[run["method"]]
-  opts = {**run["options"], "seed": run["seed"]}
-  return task.adapt(forward=spec.forward(task.model) if spec.forward else None,
-                    prepare=spec.prepare(opts) if spec.prepare else None,
-                    penalty=spec.penalty(opts) if spec.penalty else None)
+  method = _method(run)
+  return task.adapt(forward=method.forward(task.model) if method.forward else None,
+                    prepare=method.step_hook, penalty=method.bound_penalty(run["options"]))
 
 
 def _read_run(path: str) -> tuple[dict, Path]:
   """``(run.json contents, adapter directory)`` of a ``train --out`` directory."""
   d = Path(path)
   if not d.exists():
-    raise FileNotFoundError(f"adapter directory {d} does not exist")
+    raise _UsageError(f"adapter directory {d} does not exist")
   for run_dir, adapter in ((d, d / ADAPTER_DIR), (d.parent, d)):
     f = run_dir / RUN_FILE
     if f.is_file():
       try:
         run = json.loads(f.read_text())
       except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: corrupt run file ({e})") from None
+        raise _UsageError(f"{f}: corrupt run file ({e})") from None
       if not (adapter / "manifest").exists():
-        raise ValueError(f"{d}: no trained adapter in {adapter} (did the training finish?)")
+        raise _UsageError(f"{d}: no trained adapter in {adapter} (did the training finish?)")
       return run, adapter
-  raise ValueError(f"{d}: not a `peftjax train --out` directory (no {RUN_FILE})")
+  raise _UsageError(f"{d}: not a `peftjax train --out` directory (no {RUN_FILE})")
 
 
 def _restored(run: dict, adapter: Path, params, model):
   from peftjax.io.checkpoint import restore_adapter
-  template = _tune(params, run, model, HEAD_TARGETS)
-  return restore_adapter(adapter, template)
+  template, _ = _tune(params, run, model, HEAD_TARGETS)
+  with _user_input():
+    return restore_adapter(adapter, template)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,6 +366,7 @@ def _row(name, tree, metrics, lm: bool, step_s: Optional[float] = None) -> dict:
 
 
 def _run_record(a) -> dict:
+  method = methods.get(a.method)
   kind = _data_kind(a.data)
   if a.eval_data is not None:
     _data_kind(a.eval_data)
@@ -526,7 +375,7 @@ def _run_record(a) -> dict:
     raise _UsageError(f"peftjax {a.cmd}: error: --text-column/--label-column apply to "
                       f"classification data files, not {a.data}")
   return {"model": a.model, "data": a.data, "eval_data": a.eval_data, "kind": kind,
-          "method": a.method, "options": _method_options(a, a.method),
+          "method": method.name, "options": _options_given(a, method),
           "seed": 0 if a.seed is None else a.seed,
           "seq_len": a.seq_len or 64,
           "compute_dtype": a.compute_dtype or "float32",
@@ -541,12 +390,12 @@ _SAME_RUN = ("model", "data", "eval_data", "method", "options", "seed", "seq_len
 
 def cmd_train(a) -> dict:
   run = _run_record(a)
-  spec = METHODS[a.method]
-  lr = a.lr = a.lr or spec.learning_rate  # results.json records the rate used
+  method = _method(run)
+  lr = a.lr = a.lr or method.learning_rate  # results.json records the rate used
   if a.warmup >= a.steps and a.warmup:
     a.warmup = a.steps - 1
   if run["batch_size"] % a.grad_accum:
-    raise ValueError(f"--batch-size {run['batch_size']} is not divisible by --grad-accum "
+    raise _UsageError(f"--batch-size {run['batch_size']} is not divisible by --grad-accum "
                      f"{a.grad_accum}")
   ckpt_dir = None
   if a.out:
@@ -557,7 +406,7 @@ def cmd_train(a) -> dict:
       old = json.loads(prev.read_text())
       diff = [k for k in _SAME_RUN if old.get(k) != run.get(k)]
       if diff:
-        raise ValueError(f"{out} holds checkpoints of another run ({', '.join(diff)} differ: "
+        raise _UsageError(f"{out} holds checkpoints of another run ({', '.join(diff)} differ: "
                          f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another --out "
                          f"or delete {ckpt_dir}")
   lm = run["kind"] == "lm"
@@ -577,7 +426,7 @@ def cmd_train(a) -> dict:
   base_metrics = evaluate(task.eval_fn, task.params, task.eval_batches())
   rows.append(_row("base model" + ("" if lm else " (untrained head)"), task.params, base_metrics,
                    lm))
-  if not lm and not a.no_baseline and a.method != "full":
+  if not lm and not a.no_baseline:
     probe = _with_head(task.params, task.head_targets)
     probe_loader = copy.copy(task.train_loader)  # its own position: the method starts afresh
     probe_loader.restore({"epoch": 0, "index": 0})
@@ -587,17 +436,15 @@ def cmd_train(a) -> dict:
                 eval_fn=task.eval_fn, eval_data=task.eval_batches)
     rows.append(_row("base + trained head (linear probe)", res.params, res.eval_metrics, lm,
                      _step_seconds(res.history)))
-  tuned = _tune(task.params, run, task.model, task.head_targets)
+  tuned, with_head = _tune(task.params, run, task.model, task.head_targets)
   mtask = _adapt(task, run)
   print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
   res = train(mtask.loss_fn, tuned, mtask.train_loader, cfg, eval_fn=mtask.eval_fn,
               eval_data=mtask.eval_batches)
-  rows.append(_row(f"{a.method}" + ("" if lm or a.method == "full" else " + head"), res.params,
+  rows.append(_row(method.name + (" + head" if with_head else ""), res.params,
                    res.eval_metrics, lm, _step_seconds(res.history)))
-  if a.method == "diffpruning":
-    from peftjax import diff_pruning
-    print(f"diffpruning: open gates {100 * float(diff_pruning.open_fraction(res.params)):.3f}% "
-          f"(target {100 * run['options']['density']:.3f}%)", file=sys.stderr)
+  if method.report is not None:
+    print(method.report(res.params, run["options"]), file=sys.stderr)
   table = _table(rows, list(rows[0]))
   print("\n" + table)
   if a.out:
@@ -663,58 +510,57 @@ def cmd_eval(a) -> dict:
 def _load_model(run: dict):
   from peftjax import tasks
   from peftjax.io.hf import from_pretrained
-  path = tasks.resolve_model(run["model"])
-  if run["kind"] == "classification":
-    return from_pretrained(path, task="sequence-classification", num_labels=len(run["labels"]),
-                           key=jax.random.key(run["seed"]))
-  return from_pretrained(path)
+  with _user_input():
+    path = tasks.resolve_model(run["model"])
+    if run["kind"] == "classification":
+      return from_pretrained(path, task="sequence-classification",
+                             num_labels=len(run["labels"]), key=jax.random.key(run["seed"]))
+    return from_pretrained(path)
 
 
 def cmd_merge(a):
   from peftjax.io.export import export_merged
   run, adapter = _read_run(a.adapter)
-  if run["method"] in ("prompt", "prefix", "ptuning"):
-    raise ValueError(f"--method {run['method']} adds soft tokens or prefixes, which no weight "
-                     f"holds: it cannot be merged into the model; use `peftjax export` (HF PEFT "
-                     f"format) instead")
+  method = _method(run)
+  if not method.mergeable:
+    raise _UsageError(f"--method {method.name} ({method.description}) has no merged form: no "
+                      f"weight holds what it adds" + ("; use `peftjax export` (HF PEFT format) "
+                                                      "instead" if method.hf_peft_type else ""))
   model, params, tok = _load_model(run)
   tuned = _restored(run, adapter, params, model)
-  path = export_merged(tuned, model, a.out, tokenizer=tok,
-                       dtype=None if a.dtype is None else jnp.dtype(a.dtype))
-  print(f"wrote the merged model ({run['model']} + {run['method']}) to {path}")
+  with _user_input():
+    path = export_merged(tuned, model, a.out, tokenizer=tok,
+                         dtype=None if a.dtype is None else jnp.dtype(a.dtype))
+  print(f"wrote the merged model ({run['model']} + {method.name}) to {path}")
   return path
-
-
-#: methods :func:`peftjax.io.hf_peft.save_hf_peft` writes (QLoRA as its LoRA adapter).
-_HF_PEFT_METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "ptuning")
 
 
 def cmd_export(a):
   from peftjax.io.hf_peft import save_hf_peft
   run, adapter = _read_run(a.adapter)
-  if run["method"] not in _HF_PEFT_METHODS:
-    raise ValueError(f"--method {run['method']} has no Hugging Face PEFT format (export writes "
-                     f"{', '.join(_HF_PEFT_METHODS)}); `peftjax merge` writes the merged model")
+  method = _method(run)
+  if method.hf_peft_type is None:
+    can = [m.name for m in methods.all_methods().values() if m.hf_peft_type]
+    raise _UsageError(f"--method {method.name} has no Hugging Face PEFT format (export writes "
+                      f"{', '.join(can)}); `peftjax merge` writes the merged model")
   model, params, tok = _load_model(run)
-  tuned = _restored(run, adapter, params, model)
+  tuned = peftjax.as_tuned(_restored(run, adapter, params, model))
   head = {}
   if run["kind"] == "classification":
     # The trained head is HF PEFT's modules_to_save: written beside the adapter, as plain weights.
     from peftjax._src import targeting
-    slotted = run["method"] in ("prompt", "prefix", "ptuning")  # {"params": ..., slot: node}
-    inner = tuned["params"] if slotted else tuned
     pat = re.compile(HEAD_TARGETS)
-    head = {p: peftjax.merge(x) for p, x in targeting.leaves_with_paths(inner)
+    head = {p: peftjax.merge(x) for p, x in targeting.leaves_with_paths(tuned.params)
             if pat.fullmatch(p) and peftjax.is_node(x)}
-    inner = targeting.map_selected(lambda p, x: head[p], inner, set(head))
-    tuned = {**tuned, "params": inner} if slotted else inner
-  if run["method"] in ("prefix", "ptuning"):
-    # the training-time reparameterization (prefix MLP, prompt encoder) -> the plain prefix/prompt
-    tuned = peftjax.prefix.finalize(tuned)
-  path = save_hf_peft(tuned, a.out, base_model_name_or_path=run["model"])
+    tuned = tuned.replace(params=targeting.map_selected(lambda p, x: head[p], tuned.params,
+                                                        set(head)))
+  if method.finalize is not None:
+    tuned = method.finalize(tuned)
+  with _user_input():
+    path = save_hf_peft(tuned, a.out, base_model_name_or_path=run["model"])
   if head:
     _add_modules_to_save(path, head)
-  print(f"wrote the HF PEFT adapter ({run['method']}) to {path}")
+  print(f"wrote the HF PEFT adapter ({method.name}) to {path}")
   return path
 
 
@@ -744,50 +590,45 @@ def _add_modules_to_save(path: Path, head: dict):
 def cmd_generate(a):
   from peftjax import tasks
   from peftjax.io.hf import from_pretrained
-  from peftjax.models.generate import generate
-  method = None
   if a.adapter:
     run, adapter = _read_run(a.adapter)
     if run["kind"] != "lm":
-      raise ValueError(f"{a.adapter} holds a {run['kind']} run ({run['model']}); generate needs a "
-                       f"language-model adapter")
+      raise _UsageError(f"{a.adapter} holds a {run['kind']} run ({run['model']}); generate needs "
+                        f"a language-model adapter")
     if a.model is not None and a.model != run["model"]:
-      raise ValueError(f"{a.adapter} was trained on --model {run['model']}, not {a.model}")
-    method = run["method"]
-    if method == "adapter":
-      raise ValueError("--method adapter has no merged form and no generation path here; use "
-                       "lora, prompt, prefix, ... for generation")
+      raise _UsageError(f"{a.adapter} was trained on --model {run['model']}, not {a.model}")
+    method = _method(run)
+    if not method.mergeable and method.forward is None:
+      raise _UsageError(f"--method {method.name} has no merged form and no generation path; "
+                        f"use lora, prompt, prefix, ... for generation")
     model, params, tok = _load_model(run)
-    tuned = peftjax.prefix.finalize(_restored(run, adapter, params, model))
+    tree = _restored(run, adapter, params, model)
+    if method.finalize is not None:
+      tree = method.finalize(tree)
+    if method.mergeable:  # plain weights decode fastest
+      tree = peftjax.merge(tree)
   else:
-    model, params, tok = from_pretrained(tasks.resolve_model(a.model or "smollm2"))
+    with _user_input():
+      model, tree, tok = from_pretrained(tasks.resolve_model(a.model or "smollm2"))
   text = a.prompt
   if getattr(tok, "chat_template", None) and not a.raw:
     text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                    add_generation_prompt=True)
   ids = jnp.asarray(np.asarray(tok(text)["input_ids"], np.int32)[None])
-  kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, key=jax.random.key(a.seed),
-            stop_tokens=[tok.eos_token_id] if tok.eos_token_id is not None else None)
-  if method in ("prompt", "ptuning"):
-    out = peftjax.prompt.generate(model, tuned, ids, **kw)
-  elif method == "prefix":
-    out = peftjax.prefix.generate(model, tuned, ids, **kw)
-  else:
-    out = generate(model, peftjax.merge(tuned) if method else params, ids, **kw)
-  seq = np.asarray(out.tokens if hasattr(out, "tokens") else out)[0]
-  if hasattr(out, "lengths"):
-    seq = seq[:int(np.asarray(out.lengths)[0])]
-  elif seq.shape[0] > ids.shape[1]:
-    seq = seq[ids.shape[1]:]
+  out = peftjax.generate(model, tree, ids, max_new_tokens=a.max_new_tokens,
+                         temperature=a.temperature, key=jax.random.key(a.seed),
+                         stop_tokens=[tok.eos_token_id] if tok.eos_token_id is not None else None)
+  seq = np.asarray(out.tokens)[0][:int(np.asarray(out.lengths)[0])]
   text = tok.decode(seq, skip_special_tokens=True)
   print(text)
   return text
 
 
 def cmd_methods(a):
-  for name, spec in METHODS.items():
-    opts = " ".join(_OPTION_FLAG[d] for d in spec.options)
-    print(f"{name:12s} {spec.description}" + (f"  [{opts}]" if opts else ""))
+  for name, m in methods.all_methods().items():
+    opts = " ".join(_flag(o.name) for o in m.options)
+    also = f" (also: {', '.join(m.aliases)})" if m.aliases else ""
+    print(f"{name:12s} {m.description}{also}" + (f"  [{opts}]" if opts else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -851,14 +692,11 @@ def main(argv=None) -> int:
     cmd = f"peftjax {a.cmd}"
     _COMMANDS[a.cmd](a)
   except _UsageError as e:
-    print(str(e), file=sys.stderr)
+    msg = str(e).strip().replace("\n", " ")
+    print(msg if msg.startswith("peftjax") else f"{cmd}: error: {msg}", file=sys.stderr)
     return 2
   except SystemExit as e:  # --help
     return e.code if isinstance(e.code, int) else 0
-  except (ValueError, TypeError, FileNotFoundError) as e:
-    msg = str(e).strip().replace("\n", " ")
-    print(f"{cmd}: error: {msg}", file=sys.stderr)
-    return 2
   return 0
 
 

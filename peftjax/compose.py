@@ -26,47 +26,36 @@ Rules for one leaf touched by two methods:
 * anything else is a conflict with no defined order: a ``ValueError`` naming the leaf and both
   methods.
 
-Methods that wrap the whole tree (``prompt``, ``prefix``: ``{"params": tree, "prompt": ...}``)
-may appear anywhere; their extra entries are gathered and the result is
-``{"params": tree, "prompt": ..., ...}``.
+Methods that add model inputs (``prompt``, ``prefix``: a :class:`peftjax.Tuned` with a slot)
+may appear anywhere; their slots are gathered and the result is ``Tuned(tree, prompt=..., ...)``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from peftjax._src import method as method_lib
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node, materialize
 from peftjax._src.selective import SliceTrainable, Trainable, describe_leaf
+from peftjax._src.tuned import Tuned
 
 __all__ = ["compose", "to_config", "CONFIG_VERSION"]
 
 CONFIG_VERSION = 1
 
-#: Methods known by name (any ``peftjax.<name>`` module with an ``apply`` function works).
-KNOWN_METHODS = ("lora", "qlora", "bitfit", "partial", "diff_pruning", "adapters", "ia3",
-                 "prompt", "prefix", "ptuning")
-
-
 def _resolve_method(method) -> tuple[str, Callable]:
   if callable(method) and not isinstance(method, str):
     return getattr(method, "__qualname__", repr(method)), method
-  if not isinstance(method, str) or not method.isidentifier():
-    raise TypeError(f"a method is a name such as 'lora' or a callable apply(params, **kwargs); "
-                    f"got {method!r}")
-  try:
-    module = importlib.import_module(f"peftjax.{method}")
-  except ModuleNotFoundError:
-    module = None
-  fn = getattr(module, "apply", None)
-  if not callable(fn):
-    raise ValueError(f"unknown method {method!r}; known methods: {', '.join(KNOWN_METHODS)}")
-  return method, fn
+  if not isinstance(method, (str, method_lib.Method)):
+    raise TypeError(f"a method is a name such as 'lora', a peftjax Method or a callable "
+                    f"apply(params, **kwargs); got {method!r}")
+  m = method_lib.get(method)
+  return m.name, m.apply
 
 
 def _steps(spec) -> list[tuple[Any, dict]]:
@@ -122,9 +111,8 @@ def to_config(spec) -> dict:
   for method, kw in _steps(spec):
     if not isinstance(method, str):
       raise TypeError(f"to_config: method {method!r} is not a name; only named methods "
-                      f"({', '.join(KNOWN_METHODS)}) can be written to a config")
-    _resolve_method(method)
-    item = {"method": method}
+                      f"({', '.join(method_lib.names())}) can be written to a config")
+    item = {"method": _resolve_method(method)[0]}
     for k, v in kw.items():
       v = list(v) if isinstance(v, tuple) else v
       try:
@@ -173,13 +161,14 @@ def compose(params, spec):
     spec: a list whose items are ``(method, kwargs)`` pairs, method names, or dicts
       ``{"method": name, **kwargs}``; or a config dict ``{"version": 1, "methods": [...]}`` as
       made by :func:`to_config` (an int ``key`` becomes ``jax.random.key(key)``). A method is a
-      name (``"lora"``, ``"bitfit"``, ``"partial"``, ``"diff_pruning"``, ``"adapters"``,
-      ``"ia3"``, ``"qlora"``, ``"prompt"``, ``"prefix"``, ... any ``peftjax.<name>.apply``) or a
-      callable ``apply(params, **kwargs)``. Methods run in order.
+      registered name (``peftjax.methods.names()``: ``"lora"``, ``"bitfit"``, ``"partial"``,
+      ``"diff_pruning"``, ``"adapters"``, ``"ia3"``, ``"qlora"``, ``"prompt"``, ``"prefix"``,
+      ...), a :class:`peftjax.Method`, or a callable ``apply(params, **kwargs)``. Methods run in
+      order.
 
   Returns:
-    The rewritten tree (``{"params": tree, <slot>: ...}`` if a method such as ``prompt`` wraps
-    it). Its trainable count is the sum of the methods' counts (minus overlaps of combined
+    The rewritten tree (a :class:`peftjax.Tuned` with the slots if a method such as ``prompt``
+    adds model inputs). Its trainable count is the sum of the methods' counts (minus overlaps of combined
     ``Trainable``/``SliceTrainable`` marks).
 
   Raises:
@@ -210,15 +199,13 @@ def compose(params, spec):
     view = targeting.map_selected(lambda p, x: materialize(x), cur, set(hidden))
     view_pairs = dict(targeting.leaves_with_paths(view))
     out = fn(view, **_prepare_kwargs(kw))
-    if isinstance(out, dict) and "params" in out and out["params"] is view:
-      for slot in out:
-        if slot == "params":
-          continue
+    if isinstance(out, Tuned) and out.params is view:
+      for slot, value in out.slots().items():
         if slot in extras:
-          raise ValueError(f"compose: {name} and {extras[slot][0]} both add a '{slot}' entry to "
-                           f"the tree; use one of them")
-        extras[slot] = (name, out[slot])
-      out = out["params"]
+          raise ValueError(f"compose: {name} and {extras[slot][0]} both add a '{slot}' to the "
+                           f"tree; use one of them")
+        extras[slot] = (name, value)
+      out = out.params
     out_pairs = dict(targeting.leaves_with_paths(out))
     if set(out_pairs) != set(view_pairs):
       added = sorted(set(out_pairs) - set(view_pairs))[:3]
@@ -244,5 +231,5 @@ def compose(params, spec):
       owner[p] = name if p not in owner else f"{owner[p]}+{name}"
     cur = targeting.map_selected(lambda p, x: restore[p], out, set(restore)) if restore else out
   if extras:
-    return {"params": cur, **{slot: v for slot, (_, v) in extras.items()}}
+    return Tuned(cur, **{slot: v for slot, (_, v) in extras.items()})
   return cur

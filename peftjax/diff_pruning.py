@@ -26,16 +26,17 @@ adds it in.
 from __future__ import annotations
 
 import math
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from peftjax._src import targeting
-from peftjax._src.nodes import is_node
+from peftjax._src import nodes as nodes_lib
+from peftjax._src import selective
 from peftjax._src.selective import DiffPruningWeight, SparseDelta, check_plain_float
 from peftjax.lora import STACKED_PATH
+from peftjax._src import method as method_lib
 
 __all__ = ["apply", "set_key", "expected_density", "open_fraction", "penalty", "project",
            "count_nonzero",
@@ -99,43 +100,10 @@ def apply(params, targets=None, *, init_log_alpha: float = 1.0, beta: float = 2.
   return targeting.map_selected(rewrite, params, {p for p, _ in chosen})
 
 
-def set_key(tree, key):
-  """Gives every ``DiffPruningWeight`` gate noise from ``key`` (per path, per layer).
-
-  Call once per training step with a fresh key; ``key=None`` restores the deterministic
-  (evaluation) gates. Works under ``jit``.
-
-  Args:
-    tree: a tree from :func:`apply`.
-    key: a PRNG key, or ``None``.
-
-  Returns:
-    The tree with each node's ``key`` set (raw uint32 data ``[*layers, 2]``) or cleared.
-
-  >>> import jax, jax.numpy as jnp, peftjax
-  >>> t = peftjax.diff_pruning.apply({"d": {"kernel": jnp.ones((4, 4))}})
-  >>> peftjax.diff_pruning.set_key(t, jax.random.key(0))["d"]["kernel"].key.shape
-  (2,)
-  """
-  if key is not None and not (isinstance(key, jax.Array) and
-                              (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or
-                               key.shape[-1:] == (2,))):
-    raise TypeError(f"key must be a PRNG key (jax.random.key) or None, got {key!r}")
-  if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key)
-
-  def visit(path, x):
-    if not isinstance(x, DiffPruningWeight):
-      return x
-    if key is None:
-      return x.replace(key=None)
-    p = targeting.path_str(path)
-    k = jax.random.fold_in(key, zlib.crc32(p.encode()) & 0x7FFFFFFF)
-    lead = x.shape[:x.n_batch]
-    ks = jax.random.split(k, math.prod(lead)) if x.n_batch else k
-    return x.replace(key=jax.random.key_data(ks).reshape(*lead, 2))
-
-  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_node)
+#: Gives every ``DiffPruningWeight`` gate noise from ``key`` (per path, per layer): call once per
+#: training step with a fresh key; ``key=None`` restores the deterministic (evaluation) gates.
+#: The same function as :func:`peftjax.set_rng`.
+set_key = nodes_lib.set_rng
 
 
 def expected_density(tree) -> jax.Array:
@@ -234,16 +202,6 @@ def penalty(tree, density: float | None = None) -> jax.Array:
   return out / k
 
 
-def _select_top(mags: np.ndarray, k: int) -> np.ndarray:
-  """Flat positions of the ``k`` largest ``mags``; ties go to the lower position (sorted)."""
-  if k == mags.size:
-    return np.arange(mags.size)
-  kth = np.partition(mags, mags.size - k)[mags.size - k]
-  above = np.flatnonzero(mags > kth)
-  at = np.flatnonzero(mags == kth)[:k - above.size]
-  return np.sort(np.concatenate([above, at]))
-
-
 def project(tree, k: int | None = None, *, density: float | None = None):
   """Keeps exactly ``k`` entries of the gated difference (the largest ``|z * delta|`` overall).
 
@@ -287,7 +245,7 @@ def project(tree, k: int | None = None, *, density: float | None = None):
       raise ValueError(f"{p} has {math.prod(x.shape)} entries: int32 indices cannot address it")
   effs = [np.asarray(jax.device_get(x.replace(key=None).effective_delta()), np.float32).ravel()
           for _, x in nodes]
-  keep = _select_top(np.abs(np.concatenate(effs)), int(k))
+  keep = selective.top_k(np.abs(np.concatenate(effs)), int(k))
   offsets = np.cumsum([0] + [e.size for e in effs])
   new = {}
   for (p, x), eff, lo, hi in zip(nodes, effs, offsets[:-1], offsets[1:]):
@@ -317,3 +275,23 @@ def count_nonzero(tree) -> int:
     elif isinstance(x, DiffPruningWeight):
       n += int(jnp.sum((x.log_alpha > x.open_logit) & (x.delta != 0)))
   return n
+
+
+def _penalty(tree, options):
+  return options["l0_weight"] * penalty(tree, density=options["density"])
+
+
+def _report(tree, options):
+  return (f"diff_pruning: open gates {100 * float(open_fraction(tree)):.3f}% "
+          f"(target {100 * options['density']:.3f}%)")
+
+
+METHOD = method_lib.Method(
+    name="diff_pruning", apply=apply,
+    description="sparse difference W + z*delta with L0 (hard-concrete) gates pushed to --density",
+    options=(method_lib.Option("density", 0.005, "target fraction of nonzero entries of the "
+                               "difference", type=method_lib.fraction, to_apply=False),
+             method_lib.Option("l0_weight", 10.0, "weight of the L0 penalty",
+                               type=method_lib.nonneg_float, to_apply=False),
+             method_lib.TARGETS),
+    step_hook=nodes_lib.set_rng, penalty=_penalty, report=_report, aliases=("diffpruning",))

@@ -26,6 +26,7 @@ from peftjax._src import nodes as nodes_lib
 from peftjax._src import targeting
 from peftjax._src.nodes import Node, is_node, node_dataclass, static_field
 from peftjax.lora import default_layout
+from peftjax._src import method as method_lib
 
 __all__ = ["IA3Weight", "apply"]
 
@@ -47,15 +48,11 @@ class IA3Weight(Node):
   side: str = static_field(default="out")
   n_axes: int = static_field(default=1)
 
+  type_id = "ia3"
+  base_field = "w"
+  hf_peft_type = "IA3"
   trainable_fields = ("vector",)
 
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
 
   @property
   def n_batch(self) -> int:
@@ -168,3 +165,8 @@ def apply(params, *, targets=None, feedforward=None, dtype=None,
                      n_axes=len(axes))
 
   return targeting.map_selected(rewrite, params, out_paths | in_paths)
+
+
+METHOD = method_lib.Method(
+    name="ia3", apply=apply, description="learned scaling of keys, values and the FFN activation",
+    options=(method_lib.TARGETS,), hf_peft_type="IA3", learning_rate=3e-3)

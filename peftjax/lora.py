@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import zlib
 from typing import Any, Callable
 
 import jax
@@ -34,6 +33,7 @@ from jax.custom_derivatives import SymbolicZero
 from peftjax._src import nodes as nodes_lib
 from peftjax._src import targeting
 from peftjax._src.nodes import Node, is_node, node_dataclass, static_field
+from peftjax._src import method as method_lib
 
 __all__ = ["LoraWeight", "apply", "default_layout", "set_dropout_key", "unmerge"]
 
@@ -73,19 +73,20 @@ class LoraWeight(Node):
   dropout: float = static_field(default=0.0)
   matmul: str = static_field(default="auto")
 
+  type_id = "lora"
+  base_field = "w"
+  rng_field = "dropout_key"
+  execution_fields = ("matmul",)
+  hf_peft_type = "LORA"
   trainable_fields = ("a", "b")
 
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
 
   @property
   def n_batch(self) -> int:
     return self.a.ndim - self.n_in - 1
+
+  def wants_rng(self) -> bool:
+    return self.dropout > 0.0
 
   @property
   def rank(self) -> int:
@@ -317,8 +318,6 @@ def default_layout(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
   return n_batch, best
 
 
-def _path_key(key, path: str):
-  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _init_a(init, key, shape, fan_in, rank, dtype):
@@ -390,11 +389,8 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
       raise ValueError(f"{path} already has LoRA (rank {leaf.rank}); apply LoRA once per kernel, "
                        f"or merge first with peftjax.merge")
     if not targeting.is_kernel_like(leaf):
-      what = (f"{type(leaf).__name__}{list(leaf.shape)}" if is_node(leaf) else
-              f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}" if targeting.is_array(leaf) else
-              type(leaf).__name__)
       raise ValueError(f"target {path} is not a kernel (a floating array with ndim >= 2): got "
-                       f"{what}; narrow `targets`")
+                       f"{targeting.describe_leaf(leaf)}; narrow `targets`")
 
   def rewrite(path, w):
     shape = tuple(w.shape)
@@ -411,7 +407,7 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     adt = jnp.dtype(dtype) if dtype is not None else (
         jnp.dtype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) and not is_node(w)
         else jnp.dtype(jnp.float32))
-    k = _path_key(key, path)
+    k = targeting.path_key(key, path)
     n_layers = math.prod(bshape)
     ks = jax.random.split(k, n_layers) if n_batch else k[None]
     a = jnp.stack([_init_a(init, kk, (*in_shape, rank), fan_in, rank, adt) for kk in ks])
@@ -422,22 +418,9 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
   return targeting.map_selected(rewrite, params, {p for p, _ in chosen})
 
 
-def set_dropout_key(params, key):
-  """Gives every :class:`LoraWeight` with ``dropout > 0`` a fresh dropout key (per node, per layer).
-
-  Call once per training step with a new key; call with ``key=None`` for evaluation.
-  """
-  def visit(path, x):
-    if not isinstance(x, LoraWeight) or x.dropout <= 0.0:
-      return x
-    if key is None:
-      return x.replace(dropout_key=None)
-    k = _path_key(key, targeting.path_str(path))
-    bshape = x.a.shape[:x.n_batch]
-    ks = jax.random.split(k, math.prod(bshape)) if x.n_batch else k
-    data = jax.random.key_data(ks).reshape(*bshape, 2)
-    return x.replace(dropout_key=data)
-  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_node)
+#: Gives every :class:`LoraWeight` with ``dropout > 0`` a fresh dropout key (per node, per layer);
+#: ``key=None`` for evaluation. The same function as :func:`peftjax.set_rng`.
+set_dropout_key = nodes_lib.set_rng
 
 
 def unmerge(merged, tuned):
@@ -461,3 +444,17 @@ def unmerge(merged, tuned):
       return t.replace(w=(m - t.delta().astype(m.dtype)).astype(m.dtype))
     return m
   return jax.tree_util.tree_map(visit, merged, tuned, is_leaf=is_node)
+
+
+#: LoRA's command-line options (QLoRA shares them).
+OPTIONS = (
+    method_lib.Option("rank", 8, "LoRA rank r", type=method_lib.positive_int),
+    method_lib.Option("alpha", 16.0, "LoRA scale numerator (scale = alpha/r)",
+                      type=method_lib.positive_float),
+    method_lib.Option("lora_dropout", 0.0, "dropout on the LoRA input while training",
+                      kwarg="dropout", type=method_lib.rate),
+    method_lib.TARGETS)
+
+METHOD = method_lib.Method(
+    name="lora", apply=apply, description="low-rank update W + (alpha/r) A B on the linear layers",
+    options=OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA")

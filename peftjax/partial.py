@@ -25,6 +25,7 @@ from peftjax._src import targeting
 from peftjax._src.nodes import is_node
 from peftjax._src.selective import SliceTrainable, Trainable, check_plain_float, leaf_predicate
 from peftjax.lora import STACKED_PATH
+from peftjax._src import method as method_lib
 
 __all__ = ["apply", "layer_groups", "LayerGroup", "Trainable", "SliceTrainable"]
 
@@ -201,3 +202,11 @@ def apply(params, layers: Layers = None, *, targets=None):
     if p in rewrite:
       check_plain_float(p, x, "partial")
   return targeting.map_selected(lambda p, x: rewrite[p](x), params, set(rewrite))
+
+
+METHOD = method_lib.Method(
+    name="partial", apply=apply, description="train the top --top-layers layers fully",
+    options=(method_lib.Option("top_layers", 2, "how many top layers train", kwarg="layers",
+                               type=method_lib.positive_int, convert=lambda v: -v),
+             method_lib.TARGETS),
+    learning_rate=5e-5)

@@ -7,14 +7,14 @@ at once (:class:`PrefixMLP`). After training, :func:`finalize` computes the pref
 the MLP, leaving a plain :class:`Prefix` ``[layers, 2, n_tokens, kv_heads, head_dim]``
 (``2 * L * p * d`` parameters for ``d = kv_heads * head_dim``).
 
-The tree to train is ``{"params": params, "prefix": node}``; the model needs the ``prefix`` hook
+The tree to train is ``peftjax.Tuned(params, prefix=node)``; the model needs the ``prefix`` hook
 (the reference models take ``prefix=[layers, 2, batch, n_prefix, kv_heads, head_dim]``)::
 
   tree = peftjax.prefix.apply(params, model.config, n_tokens=16)
-  forward = peftjax.prefix.forward(model)           # lifted; prefix visible to every query
+  forward = peftjax.forward(model)                  # lifted; prefix visible to every query
   logits = forward(tree, input_ids, attention_mask=mask)
   tree = peftjax.prefix.finalize(tree)              # MLP gone; same outputs
-  out = peftjax.prefix.generate(model, tree, input_ids, mask, max_new_tokens=20)
+  out = peftjax.generate(model, tree, input_ids, mask, max_new_tokens=20)
 
 Prefix positions are keys every query may see (padding never is), so padding and causal masks of
 the real tokens are respected. In the Llama model the prefix keys carry no rotary position and
@@ -34,8 +34,10 @@ import jax.numpy as jnp
 from peftjax._src import additive
 from peftjax._src import nodes as nodes_lib
 from peftjax._src.additive import Prefix
-from peftjax._src.lift import lift
+from peftjax._src.tuned import Tuned
 from peftjax._src.nodes import Node, node_dataclass, static_field
+from peftjax._src import method as method_lib
+from peftjax._src import tuned as tuned_lib
 
 __all__ = ["Prefix", "PrefixMLP", "init", "apply", "finalize", "kv", "forward", "generate"]
 
@@ -64,6 +66,7 @@ class PrefixMLP(Node):
   kv_heads: int = static_field(default=1)
   head_dim: int = static_field(default=1)
 
+  type_id = "prefix_mlp"
   trainable_fields = ("embedding", "w1", "b1", "w2", "b2")
 
   @property
@@ -144,8 +147,8 @@ def _mlp_arrays(key, p, e, hidden, n_out, init_std, dtype):
   return dict(zip(names, additive.random_arrays(key, specs, dtype)))
 
 
-def apply(params, config, n_tokens: int, **kwargs) -> dict:
-  """``{"params": params, "prefix": init(config, n_tokens, **kwargs)}``: the tree to train.
+def apply(params, config, n_tokens: int, **kwargs) -> Tuned:
+  """``Tuned(params, prefix=init(config, n_tokens, **kwargs))``: the tree to train.
 
   >>> import peftjax
   >>> from peftjax.models import BertConfig
@@ -157,7 +160,7 @@ def apply(params, config, n_tokens: int, **kwargs) -> dict:
   >>> peftjax.summary(peftjax.prefix.finalize(tree)).trainable    # 2 * L * p * d
   96
   """
-  return {"params": params, "prefix": init(config, n_tokens, **kwargs)}
+  return Tuned(params, prefix=init(config, n_tokens, **kwargs))
 
 
 def finalize(tree):
@@ -179,23 +182,8 @@ def kv(prefix, batch: int):
   return additive.batch_prefix(nodes_lib.materialize(prefix), batch)
 
 
-def _batch_of(args, kwargs) -> int:
-  x = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-  if x is None or not hasattr(x, "shape"):
-    raise TypeError("peftjax.prefix.forward needs input_ids (first argument) or inputs_embeds= "
-                    "to know the batch size")
-  return x.shape[0]
-
-
 def forward(model):
-  """``model.apply`` taking ``{"params", "prefix"}`` trees: the prefix goes to every layer.
-
-  Args:
-    model: a Flax module whose ``__call__`` accepts ``prefix=`` (the reference models).
-
-  Returns:
-    ``f(tree, *args, **kwargs) = lift(model.apply)({"params": tree["params"]}, *args,
-    prefix=kv(tree["prefix"], batch), **kwargs)``.
+  """:func:`peftjax.forward`, after checking that ``model`` takes ``prefix=``.
 
   Raises:
     TypeError: the model has no ``prefix`` argument.
@@ -211,32 +199,32 @@ def forward(model):
   (2, 3, 16)
   """
   additive.check_hook(model, "prefix", "prefix tuning")
-
-  def run(tree, *args, **kwargs):
-    from peftjax.prompt import _unpack
-    params, prefix = _unpack(tree, "prefix", "peftjax.prefix.forward")
-    return model.apply({"params": params}, *args, prefix=kv(prefix, _batch_of(args, kwargs)),
-                       **kwargs)
-
-  return lift(run)
+  return tuned_lib.forward(model)
 
 
 def generate(model, tree, input_ids, attention_mask=None, **kwargs):
-  """KV-cache generation with the prefix in every layer (:func:`peftjax.models.generate`).
+  """:func:`peftjax.generate` for a tree with a prefix (a TypeError if it has none)."""
+  tuned_lib.require_slot(tree, "prefix", "peftjax.prefix.generate")
+  return tuned_lib.generate(model, tree, input_ids, attention_mask, **kwargs)
 
-  Args:
-    model: a :class:`peftjax.models.LlamaForCausalLM`.
-    tree: ``{"params": ..., "prefix": ...}`` (a :class:`PrefixMLP` is evaluated once first).
-    input_ids, attention_mask, **kwargs: as for :func:`peftjax.models.generate`.
 
-  Returns:
-    :class:`peftjax.models.GenerateOutput`.
+def _model_config(model) -> dict:
+  cfg = getattr(model, "config", None)
+  if cfg is None:
+    raise TypeError(f"prefix tuning needs a reference model with a config; got "
+                    f"{type(model).__name__}")
+  return {"config": cfg}
 
-  Example:
-    >>> out = peftjax.prefix.generate(model, tree, ids, mask, max_new_tokens=8)  # doctest: +SKIP
-  """
-  from peftjax.models.generate import generate as generate_tokens
-  from peftjax.prompt import _unpack
-  params, prefix = _unpack(tree, "prefix", "peftjax.prefix.generate")
-  return generate_tokens(model, params, input_ids, attention_mask,
-                         prefix=jnp.asarray(nodes_lib.materialize(prefix)), **kwargs)
+
+METHOD = method_lib.Method(
+    name="prefix", apply=apply,
+    description="prefix tuning: trained key/value prefixes in every layer (MLP reparameterized; "
+                "--no-projection is P-tuning v2)",
+    options=(method_lib.N_TOKENS,
+             method_lib.Option("prefix_hidden", 512, "width of the prefix reparameterization MLP",
+                               kwarg="hidden", type=method_lib.positive_int),
+             method_lib.Option("no_projection", False, "train the prefixes directly, without the "
+                               "MLP (P-tuning v2)", kwarg="projection", flag=True,
+                               convert=lambda v: not v)),
+    forward=tuned_lib.forward, finalize=finalize, mergeable=False, hf_peft_type="PREFIX_TUNING",
+    learning_rate=5e-3, model_kwargs=_model_config)

@@ -35,6 +35,9 @@ from peftjax import prefix as prefix_lib
 from peftjax._src import additive
 from peftjax._src.additive import SoftPrompt
 from peftjax._src.nodes import Node, node_dataclass, static_field
+from peftjax._src import method as method_lib
+from peftjax._src import tuned as tuned_lib
+from peftjax._src.tuned import Tuned
 
 __all__ = ["PromptEncoder", "apply", "apply_v2", "finalize", "ENCODERS"]
 
@@ -77,15 +80,10 @@ class PromptEncoder(Node):
   params: Any
   kind: str = static_field(default="mlp")
 
+  type_id = "prompt_encoder"
+  base_field = "embedding"
   trainable_fields = ("embedding", "params")
 
-  @property
-  def shape(self):
-    return tuple(self.embedding.shape)
-
-  @property
-  def dtype(self):
-    return self.embedding.dtype
 
   def materialize(self):
     p, x = self.params, self.embedding
@@ -106,8 +104,8 @@ class PromptEncoder(Node):
 
 def apply(params, n_tokens: int, *, encoder: str = "mlp", hidden: Optional[int] = None,
           lstm_layers: int = 2, key=None, embedding_path: Optional[str] = None,
-          dtype=None) -> dict:
-  """``{"params": params, "prompt": PromptEncoder}``: P-tuning's virtual tokens to train.
+          dtype=None) -> Tuned:
+  """``Tuned(params, prompt=PromptEncoder)``: P-tuning's virtual tokens to train.
 
   Args:
     params: the model's parameters (the hidden size is read from its token embedding table).
@@ -130,9 +128,9 @@ def apply(params, n_tokens: int, *, encoder: str = "mlp", hidden: Optional[int] 
   >>> import jax.numpy as jnp, peftjax
   >>> params = {"embed_tokens": {"embedding": jnp.ones((10, 4))}}
   >>> tree = peftjax.ptuning.apply(params, 3, hidden=2)
-  >>> tree["prompt"].shape, peftjax.summary(tree).trainable    # 3*4 + (4*2+2) + (2*2+2) + (2*4+4)
+  >>> tree.prompt.shape, peftjax.summary(tree).trainable    # 3*4 + (4*2+2) + (2*2+2) + (2*4+4)
   ((3, 4), 40)
-  >>> peftjax.ptuning.finalize(tree)["prompt"].tokens.shape
+  >>> peftjax.ptuning.finalize(tree).prompt.tokens.shape
   (3, 4)
   """
   p = additive.check_positive_int(n_tokens, "n_tokens")
@@ -144,7 +142,7 @@ def apply(params, n_tokens: int, *, encoder: str = "mlp", hidden: Optional[int] 
   n_lstm = additive.check_positive_int(lstm_layers, "lstm_layers")
   dtype = jnp.dtype(dtype or table.dtype)
   emb, enc = _encoder_arrays(additive.as_key(key), p, d, h, n_lstm, encoder, dtype)
-  return {"params": params, "prompt": PromptEncoder(embedding=emb, params=enc, kind=encoder)}
+  return Tuned(params, prompt=PromptEncoder(embedding=emb, params=enc, kind=encoder))
 
 
 def _encoder_arrays(key, p, d, h, n_lstm, encoder, dtype):
@@ -181,10 +179,10 @@ def _encoder_arrays(key, p, d, h, n_lstm, encoder, dtype):
 
 
 def apply_v2(params, config, n_tokens: int, *, key=None, init_std: float = 1.0,
-             dtype=jnp.float32) -> dict:
-  """P-tuning v2: ``{"params": params, "prefix": Prefix}``, deep prompts without reparameterization.
+             dtype=jnp.float32) -> Tuned:
+  """P-tuning v2: ``Tuned(params, prefix=Prefix)``, deep prompts without reparameterization.
 
-  Run with :func:`peftjax.prefix.forward` and :func:`peftjax.prefix.generate`. Same as
+  Run with :func:`peftjax.forward` and :func:`peftjax.generate`. Same as
   ``peftjax.prefix.apply(params, config, n_tokens, projection=False, ...)``.
 
   >>> import peftjax
@@ -202,3 +200,14 @@ def finalize(tree):
   """Replaces every :class:`PromptEncoder` by the :class:`~peftjax.prompt.SoftPrompt` it
   produces (and any prefix MLP by its prefix); outputs do not change."""
   return additive.finalize(tree)
+
+
+METHOD = method_lib.Method(
+    name="ptuning", apply=apply,
+    description="P-tuning: virtual tokens from an MLP/LSTM prompt encoder",
+    options=(method_lib.N_TOKENS,
+             method_lib.Option("encoder", "mlp", "P-tuning prompt encoder", choices=ENCODERS),
+             method_lib.Option("encoder_hidden", None, "prompt encoder width (default: the model's "
+                               "hidden size)", kwarg="hidden", type=method_lib.positive_int)),
+    forward=tuned_lib.forward, finalize=finalize, mergeable=False, hf_peft_type="PROMPT_TUNING",
+    learning_rate=1e-2)

@@ -28,6 +28,8 @@ from peftjax import quant as _quant
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node
 from peftjax._src.quant.core import QuantizedWeight, quantize_array
+from peftjax._src import method as method_lib
+from peftjax._src import nodes as nodes_lib
 
 __all__ = ["apply", "merge_requantized"]
 
@@ -156,3 +158,8 @@ def merge_requantized(tree):
                           else float("nan")),
   }
   return new_tree, report
+
+
+METHOD = method_lib.Method(
+    name="qlora", apply=apply, description="NF4 4-bit base (double quantization) + LoRA on top",
+    options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA")

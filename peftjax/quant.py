@@ -38,12 +38,7 @@ def _is_q(x) -> bool:
   return isinstance(x, QuantizedWeight)
 
 
-def _describe(leaf) -> str:
-  if is_node(leaf):
-    return f"{type(leaf).__name__}{list(leaf.shape)}"
-  if targeting.is_array(leaf):
-    return f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
-  return type(leaf).__name__
+_describe = targeting.describe_leaf
 
 
 def quantize(params, *, format: str = "nf4", block_size: int | None = 64,

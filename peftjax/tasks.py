@@ -13,7 +13,7 @@ tokens or key/value prefixes in front) or the training step (per-step dropout or
 sparsity penalty) adapts the task with :meth:`Task.adapt` instead of writing its own loss::
 
   tree = peftjax.prompt.apply(task.params, 20)
-  task = task.adapt(forward=peftjax.prompt.forward(task.model))
+  task = task.adapt(forward=peftjax.forward(task.model))
   train(task.loss_fn, tree, task.train_loader, ...)
 Short names for the offline models: ``minilm`` (all-MiniLM-L6-v2) and ``smollm2``
 (SmolLM2-135M-Instruct, GGUF).
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import data as data_lib
-from peftjax._src.lift import lift
+from peftjax._src import tuned as tuned_lib
 
 __all__ = ["MODELS", "resolve_model", "Task", "classification_task", "lm_task", "base_forward"]
 
@@ -127,8 +127,8 @@ class Task:
     """This task with another forward pass and/or per-step transform and penalty.
 
     Args:
-      forward: replaces :attr:`forward` (same signature), e.g. ``peftjax.prompt.forward(model)``
-        or ``peftjax.prefix.forward(model)``.
+      forward: replaces :attr:`forward` (same signature), e.g. ``peftjax.forward(model)``
+        (soft prompts and prefixes: a method record's ``forward``).
       prepare: ``(tree, key) -> tree`` every training step (e.g.
         ``peftjax.diff_pruning.set_key``); evaluation sees the tree as it is.
       penalty: ``tree -> scalar`` added to the training loss.
@@ -140,16 +140,9 @@ class Task:
                                prepare=prepare or self.prepare, penalty=penalty or self.penalty)
 
 
-def base_forward(model) -> Callable:
-  """The model's own forward pass on a tree with nodes.
-
-  ``forward(tree, input_ids, **kwargs) = lift(model.apply)({"params": tree}, input_ids, ...)``.
-  """
-  lifted = lift(model.apply)
-
-  def forward(tree, input_ids, **kwargs):
-    return lifted({"params": tree}, input_ids, **kwargs)
-  return forward
+#: The model's forward pass on any tuned tree (``peftjax.forward``): for a tree of parameters
+#: with nodes, ``lift(model.apply)({"params": tree}, input_ids, ...)``.
+base_forward = tuned_lib.forward
 
 
 def _classification_objective(forward):

@@ -20,9 +20,10 @@ import optax
 import pytest
 
 import peftjax
-from peftjax.io.checkpoint import (TrainCheckpointer, adapter_manifest, base_fingerprint,
+from peftjax.io.checkpoint import (FORMAT_VERSION, adapter_manifest, base_fingerprint,
                                    read_manifest, restore_adapter, save_adapter)
 from peftjax.lora import LoraWeight
+from peftjax.train.checkpoint import Checkpoint, TrainCheckpointer
 from peftjax.testing import next_token_loss
 
 HERE = Path(__file__).resolve()
@@ -110,8 +111,7 @@ def test_adapter_round_trip_onto_base_and_template(tuned_tree, tmp_path):
   base, tuned = tuned_tree
   d = save_adapter(tmp_path / "a", {"params": tuned})
   for target in (base, {"params": base}, make_tuned(base)):
-    back = restore_adapter(d, target)
-    back = back["params"] if "params" in back else back
+    back = peftjax.as_tuned(restore_adapter(d, target)).params
     for x, y in zip(jax.tree.leaves(tuned), jax.tree.leaves(back)):
       assert x.dtype == y.dtype
       np.testing.assert_array_equal(x, y)
@@ -124,7 +124,10 @@ def test_manifest(tuned_tree, tmp_path):
   m = read_manifest(save_adapter(tmp_path / "a", tuned))
   assert m == json.loads(json.dumps(adapter_manifest(tuned)))
   assert m["peftjax_version"] == peftjax.__version__
-  lora = m["methods"]["peftjax.lora.LoraWeight"]
+  assert m["format_version"] == FORMAT_VERSION == 2
+  assert [n["type"] for n in m["nodes"]] == ["lora", "lora"]  # type_id, not a module path
+  assert {n["base_field"] for n in m["nodes"]} == {"w"}
+  lora = m["methods"]["lora"]
   assert lora["count"] == 2 and len(lora["configs"]) == 1
   assert {"scale": 2.0, "n_in": 1, "dropout": 0.1}.items() <= lora["configs"][0].items()
   assert lora["trainable_params"] == peftjax.summary(tuned).trainable
@@ -158,18 +161,41 @@ def test_adapter_checkpoint_bad_input(tuned_tree, tmp_path):
   save_adapter(d, tuned, force=True)
   with pytest.raises(ValueError, match="not a peftjax adapter checkpoint"):
     restore_adapter(tmp_path, base)
-  # a tampered manifest cannot make us import arbitrary code
+  # a tampered manifest cannot make us import arbitrary code: node types are only looked up
+  # among the registered peftjax node classes
   mf = d / "manifest" / "metadata"
   m = json.loads(mf.read_text())
-  m["nodes"][0]["type"] = "os.system"
+  for bad in ("os.system", "peftjax._src.nodes.Node", "peftjax.tasks.Task", "Node", 7):
+    m["nodes"][0]["type"] = bad
+    mf.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="not a registered peftjax node type|not a name"):
+      restore_adapter(d, base)
+  m["format_version"] = 3
   mf.write_text(json.dumps(m))
-  with pytest.raises(ValueError, match="outside peftjax; refusing to import"):
+  with pytest.raises(ValueError, match="format_version 3; .* reads versions 1, 2"):
+    read_manifest(d)
+
+
+def test_manifest_names_are_never_imported(tuned_tree, tmp_path, monkeypatch):
+  import importlib
+  base, tuned = tuned_tree
+  d = save_adapter(tmp_path / "a", tuned)
+  mf = d / "manifest" / "metadata"
+  m = json.loads(mf.read_text())
+  m["nodes"][0]["type"] = "peftjax_evil_module.Payload"
+  mf.write_text(json.dumps(m))
+  seen = []
+  real = importlib.import_module
+  monkeypatch.setattr(importlib, "import_module", lambda name, *a: seen.append(name) or
+                      real(name, *a))
+  with pytest.raises(ValueError, match="'peftjax_evil_module.Payload', which is not a registered"):
     restore_adapter(d, base)
+  assert not [n for n in seen if "evil" in n], seen
 
 
 def test_every_method_round_trips(tmp_path):
-  """Methods whose nodes wrap a base weight restore onto the base; QLoRA (quantized base) and
-  soft prompts (parameters the base lacks) need the tuned template, and say so."""
+  """Methods whose nodes wrap a base weight restore onto the base, and so does a soft prompt (into
+  a ``Tuned``'s prompt slot); QLoRA (quantized base) needs the tuned template, and says so."""
   import peftjax.bitfit
   import peftjax.ia3
   import peftjax.prompt
@@ -190,7 +216,7 @@ def test_every_method_round_trips(tmp_path):
            "ia3": (lambda b: peftjax.ia3.apply(b, targets=["q_proj"], feedforward=["down_proj"]),
                    True),
            "sparse": (sparse, True),
-           "prompt": (lambda b: peftjax.prompt.apply(b, 3), False),
+           "prompt": (lambda b: peftjax.prompt.apply(b, 3), True),  # rebuilt as a Tuned slot
            "qlora": (lambda b: peftjax.qlora.apply(b, rank=4, targets=["q_proj"]), False)}
   for name, (make, from_base) in cases.items():
     trainable, frozen = peftjax.split(make(base))
@@ -250,6 +276,19 @@ def test_lora_r8_checkpoint_is_under_one_percent_of_base(tmp_path):
 # training state: keep-N, bad input
 # ------------------------------------------------------------------------------------------------
 
+def test_train_checkpointer_old_import_paths():
+  import peftjax.io
+  import peftjax.io.checkpoint
+  from peftjax.io.checkpoint import TrainCheckpointer as old
+  assert old is TrainCheckpointer is peftjax.io.TrainCheckpointer
+  assert TrainCheckpointer.__module__ == "peftjax.train.checkpoint"
+  assert peftjax.io.Checkpoint is Checkpoint and Checkpoint._fields == (
+      "params", "opt_state", "step", "rng", "data_position")
+  # peftjax.train.TrainState is the trainer's; io no longer has a second one
+  for mod in (peftjax.io, peftjax.io.checkpoint):
+    assert not hasattr(mod, "TrainState")
+
+
 def test_train_checkpointer_keep_n_and_bad_input(tuned_tree, tmp_path):
   base, tuned = tuned_tree
   tx = peftjax.optimizer(optax.adam(1e-3), tuned)
@@ -260,6 +299,7 @@ def test_train_checkpointer_keep_n_and_bad_input(tuned_tree, tmp_path):
     ckpt.wait_until_finished()
     assert ckpt.all_steps() == [2, 4] and ckpt.latest_step() == 4
     state = ckpt.restore(base, opt, step=2)
+    assert isinstance(state, Checkpoint)
     assert state.step == 2 and state.data_position == {"epoch": 0, "i": 2}
     np.testing.assert_array_equal(jax.random.key_data(state.rng),
                                   jax.random.key_data(jax.random.key(2)))

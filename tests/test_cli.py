@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import peftjax
 from peftjax import cli
 
 
@@ -72,15 +73,15 @@ def one_error(capsys, *argv) -> str:
 def test_methods_lists_every_method(capsys):
   rc, out, _ = run(capsys, "methods")
   names = [line.split()[0] for line in out.strip().splitlines()]
-  assert rc == 0 and names == ["lora", "qlora", "adapter", "ia3", "prompt", "prefix", "ptuning",
-                               "bitfit", "partial", "diffpruning", "full"]
-  assert sorted(names) == sorted(cli.METHODS)
+  assert rc == 0 and names == ["lora", "qlora", "adapters", "ia3", "prompt", "prefix", "ptuning",
+                               "bitfit", "partial", "diff_pruning", "full"]
+  assert names == peftjax.methods.names()
 
 
 def test_help_teaches_with_examples(capsys):
   rc, out, _ = run(capsys, "train", "--help")
   assert rc == 0 and "examples:" in out and out.count("peftjax train --model") >= 3
-  assert "LoRA / QLoRA options" in out and "DiffPruning options" in out
+  assert "lora / qlora options" in out and "diff_pruning options" in out
   rc, out, _ = run(capsys, "--help")
   assert rc == 0 and "peftjax eval --adapter" in out
 
@@ -129,7 +130,23 @@ def test_export_and_merge_refuse_what_they_cannot_write(capsys, tmp_path):
       assert "--method bitfit has no Hugging Face PEFT format (export writes lora, qlora" in line
     else:
       line = one_error(capsys, "merge", "--adapter", d, "--out", tmp_path / "x")
-      assert "--method prompt adds soft tokens or prefixes" in line
+      assert ("--method prompt (prompt tuning: trained soft tokens before the input) has no "
+              "merged form" in line and "use `peftjax export`" in line), line
+
+
+def test_internal_errors_keep_their_traceback(capsys, monkeypatch):
+  """Only usage errors become one-line messages: a bug inside a command propagates."""
+  def broken(a):
+    raise TypeError("internal bug")
+  monkeypatch.setitem(cli._COMMANDS, "methods", broken)
+  with pytest.raises(TypeError, match="internal bug"):
+    cli.main(["methods"])
+
+
+def test_old_method_names_still_resolve(capsys):
+  """run.json files and scripts written with the 0.1 names (adapter, diffpruning) keep working."""
+  assert "--placement does not apply to --method diff_pruning" in one_error(
+      capsys, "train", "--method", "diffpruning", "--placement", "houlsby")
 
 
 def test_run_directory_errors(capsys, tmp_path):
@@ -178,7 +195,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   res = json.loads((out / "results.json").read_text())
   assert [r["model"] for r in res["rows"]] == ["base model (untrained head)", "lora + head"]
   assert {"trainable", "trainable %", "test accuracy", "s/step"} <= set(res["rows"][-1])
-  assert res["args"]["lr"] == cli.METHODS["lora"].learning_rate  # the rate used, not None
+  assert res["args"]["lr"] == peftjax.lora.METHOD.learning_rate  # the rate used, not None
   run_file = json.loads((out / "run.json").read_text())
   assert run_file["method"] == "lora" and run_file["options"]["rank"] == 2
   assert run_file["options"]["targets"] == ".*/(query|value)/kernel"

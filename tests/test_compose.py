@@ -148,8 +148,8 @@ def test_wrapper_methods_add_entries(model):
   _, v = model
   out = compose(v["params"], [("lora", {"rank": 2, "targets": ["q_proj"]}),
                               ("prompt", {"n_tokens": 3})])
-  assert set(out) == {"params", "prompt"}
-  assert kinds(out["params"])["layers_0/attn/q_proj/kernel"] == "LoraWeight"
+  assert isinstance(out, peftjax.Tuned) and set(out.slots()) == {"prompt"}
+  assert kinds(out.params)["layers_0/attn/q_proj/kernel"] == "LoraWeight"
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -172,7 +172,8 @@ def test_conflicting_methods_on_one_leaf_name_both(model):
 
 @pytest.mark.parametrize("spec,err,msg", [
     ([("no_such_method", {})], ValueError, "unknown method 'no_such_method'; known methods: lora"),
-    (["lora.x"], TypeError, "a method is a name"),
+    (["lora.x"], ValueError, "unknown method .lora.x.; known methods: lora, qlora"),
+    ([(3, {})], TypeError, "a method is a name"),
     ([], ValueError, "spec lists no method"),
     ("lora", TypeError, "spec must be a list"),
     ({"methods": ["bitfit"], "version": 2}, ValueError, "config version 2 is not supported"),
@@ -188,7 +189,7 @@ def test_bad_spec(model, spec, err, msg):
 
 def test_two_methods_adding_the_same_entry(model):
   pytest.importorskip("peftjax.prompt")
-  with pytest.raises(ValueError, match="compose: prompt and prompt both add a 'prompt' entry"):
+  with pytest.raises(ValueError, match="compose: prompt and prompt both add a 'prompt' to the tree"):
     compose(model[1]["params"], [("prompt", {"n_tokens": 2}), ("prompt", {"n_tokens": 3})])
 
 

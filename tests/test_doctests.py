@@ -21,3 +21,12 @@ def test_doctests(name):
     pytest.skip(f"{name}: {e}")
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"
+
+
+def test_design_doc_worked_example():
+  """docs/design.md's worked example (a new node type and method) runs as written."""
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "design.md"
+  result = doctest.testfile(str(path), module_relative=False,
+                            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 10 and result.failed == 0, result

@@ -156,6 +156,37 @@ def test_peftjax_adapter_loads_in_hf_peft(trained, ref, tmp_path):
   assert diff <= 1e-4
 
 
+@pytest.mark.parametrize("slot", ["prompt", "prefix"])
+def test_peftjax_prompt_and_prefix_load_in_hf_peft(base, ref, tmp_path, slot):
+  """A Tuned with a soft prompt (a finalized prefix MLP) saved: PyTorch gives peftjax's logits."""
+  torch = pytest.importorskip("torch", reason="PyTorch (the reference) is not installed")
+  peft = pytest.importorskip("peft", reason="HF PEFT (the reference) is not installed")
+  import transformers
+  import peftjax.prefix
+  model, params = base[True]
+  ids = ref["input_ids"].astype(np.int32)
+  if slot == "prompt":
+    tree = peftjax.prompt.apply(params, 4, key=jax.random.key(3))
+    ours = np.asarray(peftjax.forward(model, strip_outputs=False)(tree, ids))  # [2, 4 + 12, 96]
+    real = ours[:, 4:]
+  else:
+    tree = peftjax.finalize(peftjax.prefix.apply(params, model.config, 3, hidden=16,
+                                                 key=jax.random.key(3)))
+    pos = jnp.broadcast_to(jnp.arange(12) + 3, (2, 12))  # HF shifts the real tokens' positions
+    ours = real = np.asarray(peftjax.forward(model)(tree, ids, position_ids=pos))
+  assert type(tree) is peftjax.Tuned and getattr(tree, slot) is not None
+  out = save_hf_peft(tree, tmp_path / slot)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(FIX / "base", attn_implementation="eager")
+  pm = peft.PeftModel.from_pretrained(hf, out).eval()
+  with torch.no_grad():
+    theirs = pm(input_ids=torch.tensor(ref["input_ids"])).logits.numpy()
+  assert theirs.shape == ours.shape
+  diff = np.abs(theirs - ours).max()
+  effect = np.abs(real - ref["base_logits"]).max()
+  print(f"peftjax {slot} -> HF PEFT: max |logits - peftjax| = {diff:.2e} (effect {effect:.2f})")
+  assert diff <= 1e-4 and effect > 0.05
+
+
 def test_merged_export_loads_in_transformers(trained, ref, tmp_path):
   torch = pytest.importorskip("torch", reason="PyTorch (the reference) is not installed")
   import transformers
@@ -234,17 +265,17 @@ def test_ia3_prompt_prefix_give_pytorch_logits(base, ref):
 
   apply = jax.jit(model.apply)
   tree = load_hf_peft(FIX / "prompt_tuning", params)
-  tokens = tree["prompt"].tokens                     # [5, 64]; HF returns the virtual positions too
+  tokens = tree.prompt.tokens                     # [5, 64]; HF returns the virtual positions too
   x = jnp.concatenate([jnp.broadcast_to(tokens, (2, *tokens.shape)),
-                       peftjax.prompt.embed(tree["params"], ids)], axis=1)
-  diffs["prompt_tuning"] = np.abs(np.asarray(apply({"params": tree["params"]}, inputs_embeds=x))
+                       peftjax.prompt.embed(tree.params, ids)], axis=1)
+  diffs["prompt_tuning"] = np.abs(np.asarray(apply({"params": tree.params}, inputs_embeds=x))
                                   - ref["prompt_tuning_logits"]).max()
 
   tree = load_hf_peft(FIX / "prefix_tuning", params)
-  kv = tree["prefix"].kv                             # [layers, 2, 3, kv_heads, head_dim]
+  kv = tree.prefix.kv                             # [layers, 2, 3, kv_heads, head_dim]
   assert kv.shape == (2, 2, 3, 2, 16)
   pos = jnp.broadcast_to(jnp.arange(12) + kv.shape[2], (2, 12))  # HF shifts real tokens' positions
-  out = apply({"params": tree["params"]}, ids, prefix=kv[:, :, None], position_ids=pos)
+  out = apply({"params": tree.params}, ids, prefix=kv[:, :, None], position_ids=pos)
   diffs["prefix_tuning"] = np.abs(np.asarray(out) - ref["prefix_tuning_logits"]).max()
   print("HF PEFT -> peftjax, max |logits - torch|: " +
         ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
@@ -283,10 +314,127 @@ def test_save_refuses_mixed_or_unmapped_methods(base, tmp_path):
                             targets=["k_proj"], feedforward=[])
   with pytest.raises(ValueError, match="mixes methods.*LORA.*IA3|mixes methods.*IA3.*LORA"):
     save_hf_peft(mixed, tmp_path / "x")
-  with pytest.raises(ValueError, match="DiffPruningWeight, which has no Hugging Face PEFT format"):
+  with pytest.raises(ValueError, match=r"^layers_0/self_attn/q_proj/kernel is a DiffPruningWeight "
+                                       r"\(node type 'diff_pruning'\), which has no Hugging Face "
+                                       r"PEFT format"):
     save_hf_peft(peftjax.diff_pruning.apply(params, targets=["q_proj"]), tmp_path / "y")
-  with pytest.raises(ValueError, match="no LoraWeight, IA3Weight, SoftPrompt or Prefix"):
+  with pytest.raises(ValueError, match=r"no node to save: none of LoraWeight \(LORA\), IA3Weight "
+                                       r"\(IA3\), SoftPrompt \(PROMPT_TUNING\), Prefix"):
     save_hf_peft(params, tmp_path / "z")
+  assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+def _same_adapter(a, b):
+  """Two saved adapter directories hold the same config and tensors."""
+  ra, rb = read_hf_peft(a), read_hf_peft(b)
+  assert ra.config == rb.config and sorted(ra.tensors) == sorted(rb.tensors)
+  for k in ra.tensors:
+    np.testing.assert_array_equal(ra.tensors[k], rb.tensors[k], err_msg=k)
+
+
+def test_prompt_and_prefix_load_as_tuned(base):
+  from peftjax._src.additive import Prefix, SoftPrompt
+  params = base[True][1]
+  for given in (params, {"params": params}, peftjax.Tuned(params)):
+    tree = load_hf_peft(FIX / "prompt_tuning", given)
+    assert type(tree) is peftjax.Tuned and tree.params is params and tree.prefix is None
+    assert isinstance(tree.prompt, SoftPrompt) and tree.prompt.tokens.shape == (5, 64)
+    tree = load_hf_peft(FIX / "prefix_tuning", given)
+    assert type(tree) is peftjax.Tuned and tree.params is params and tree.prompt is None
+    assert isinstance(tree.prefix, Prefix) and tree.prefix.kv.shape == (2, 2, 3, 2, 16)
+  with pytest.raises(ValueError, match="the tree already has a prefix; load the PREFIX_TUNING"):
+    load_hf_peft(FIX / "prefix_tuning", tree)
+  both = load_hf_peft(FIX / "prompt_tuning", tree)  # a prompt beside the prefix: both kept
+  assert both.prefix is tree.prefix and isinstance(both.prompt, SoftPrompt)
+
+
+def test_lora_and_ia3_load_keep_the_tree_shape(base):
+  from peftjax.ia3 import IA3Weight
+  params = base[False][1]
+  q = lambda t: t["layers_1"]["self_attn"]["q_proj"]["kernel"]
+  plain = load_hf_peft(FIX / "lora", params)
+  flax = load_hf_peft(FIX / "lora", {"params": params})
+  tuned = load_hf_peft(FIX / "lora", peftjax.Tuned(params))
+  assert isinstance(q(plain), LoraWeight) and "params" not in plain
+  assert list(flax) == ["params"] and isinstance(q(flax["params"]), LoraWeight)
+  assert type(tuned) is peftjax.Tuned and isinstance(q(tuned.params), LoraWeight)
+  for t in (flax["params"], tuned.params):
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(t)):
+      np.testing.assert_array_equal(a, b)
+  prompt = jnp.zeros((2, 64))
+  ia3 = load_hf_peft(FIX / "ia3", peftjax.Tuned(params, prompt=prompt))  # other slots are kept
+  assert ia3.prompt is prompt
+  assert isinstance(ia3.params["layers_0"]["self_attn"]["k_proj"]["kernel"], IA3Weight)
+
+
+def test_tuned_and_older_shapes_save_the_same(base, tmp_path):
+  params = base[True][1]
+  for name, slot in (("prompt_tuning", "prompt"), ("prefix_tuning", "prefix")):
+    tree = load_hf_peft(FIX / name, params)
+    assert isinstance(tree, peftjax.Tuned)
+    a = save_hf_peft(tree, tmp_path / f"{name}_tuned")
+    b = save_hf_peft({"params": tree.params, slot: getattr(tree, slot)}, tmp_path / f"{name}_0.1")
+    _same_adapter(a, b)
+    assert read_hf_peft(a).peft_type == name.upper()
+  lora = peftjax.lora.apply(params, rank=2, targets=["q_proj"])
+  a = save_hf_peft(lora, tmp_path / "plain")
+  for i, given in enumerate((peftjax.Tuned(lora), {"params": lora})):
+    _same_adapter(a, save_hf_peft(given, tmp_path / f"lora{i}"))
+
+
+def test_save_dispatches_on_node_declarations(base, tmp_path):
+  import peftjax.adapters
+  import peftjax.prefix
+  import peftjax.ptuning
+  model, params = base[True]
+  with pytest.raises(ValueError, match=r"layers/self_attn/o_proj/kernel is a BottleneckAdapter "
+                                       r"\(node type 'bottleneck_adapter'\), which has no Hugging "
+                                       r"Face PEFT format \(node types with one: LoraWeight "
+                                       r"\(LORA\), IA3Weight \(IA3\)"):
+    save_hf_peft(peftjax.adapters.apply(params, 4, targets=["o_proj"]), tmp_path / "a")
+  tree = peftjax.prefix.apply(params, model.config, 3, hidden=8)
+  with pytest.raises(ValueError, match=r"^prefix is a PrefixMLP \(node type 'prefix_mlp'\), a "
+                                       r"training-time reparameterization; call "
+                                       r"peftjax.finalize\(tree\) first"):
+    save_hf_peft(tree, tmp_path / "b")
+  out = save_hf_peft(peftjax.finalize(tree), tmp_path / "b")
+  assert read_hf_peft(out).peft_type == "PREFIX_TUNING"
+  tree = peftjax.ptuning.apply(params, 4)
+  with pytest.raises(ValueError, match=r"^prompt is a PromptEncoder .*call peftjax.finalize"):
+    save_hf_peft(tree, tmp_path / "c")
+  assert read_hf_peft(save_hf_peft(peftjax.finalize(tree), tmp_path / "c")).config[
+      "num_virtual_tokens"] == 4
+  assert not (tmp_path / "a").exists()
+
+
+def test_save_refuses_slots_the_method_cannot_hold(base, tmp_path):
+  params = base[True][1]
+  lora = peftjax.lora.apply(params, rank=2, targets=["q_proj"])
+  soft = peftjax.prompt.apply(params, 3).prompt
+  with pytest.raises(ValueError, match="the tree has a prompt .*which a LORA adapter cannot hold"):
+    save_hf_peft(peftjax.Tuned(lora, prompt=jnp.zeros((3, 64))), tmp_path / "x")
+  with pytest.raises(ValueError, match=r"mixes methods \(LORA at layers/self_attn/q_proj/kernel, "
+                                       r"PROMPT_TUNING at prompt\)"):
+    save_hf_peft(peftjax.Tuned(lora, prompt=soft), tmp_path / "x")
+  with pytest.raises(ValueError, match=r"^extra: a PROMPT_TUNING node is saved from the tree's "
+                                       r"prompt itself"):
+    save_hf_peft(peftjax.Tuned({**params, "extra": soft}), tmp_path / "x")
+  with pytest.raises(ValueError, match=r"^prompt/nested: a PROMPT_TUNING node is saved from"):
+    save_hf_peft(peftjax.Tuned(params, prompt={"nested": soft}), tmp_path / "x")
+  assert not (tmp_path / "x").exists()
+
+
+def test_merged_export_refuses_prompts_and_prefixes(base, tmp_path):
+  model, params = base[True]
+  lora = peftjax.lora.apply(params, rank=2, targets=["q_proj"])
+  assert not any(peftjax.is_node(x) for x in jax.tree.leaves(
+      merged_params(peftjax.Tuned(lora)), is_leaf=peftjax.is_node))
+  for tree, slot in ((peftjax.prompt.apply(lora, 3), "prompt"),
+                     ({"params": lora, "prefix": jnp.zeros((2, 2, 3, 2, 16))}, "prefix")):
+    with pytest.raises(ValueError, match=rf"the tree has a {slot} \(Tuned.{slot}\), a model "
+                                         "input that no weight holds"):
+      export_merged(tree, model, tmp_path / "m")
+  assert not (tmp_path / "m").exists()
 
 
 # ------------------------------------------------------------------------------------------------

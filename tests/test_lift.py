@@ -323,6 +323,7 @@ def test_scan_materializes_nodes_whose_leaves_are_not_stacked():
 
   @node_dataclass
   class Tiled(Node):
+    type_id = "test_tiled"
     v: jax.Array
     n: int = static_field(default=3)
     scan_slices_leaves = False

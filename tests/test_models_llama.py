@@ -481,9 +481,9 @@ def test_generate_and_mesh_argument_errors(tiny):
   from peftjax.models import BertConfig, BertModel, make_mesh
   model, params = tiny
   ids = np.ones((2, 4), np.int32)
-  with pytest.raises(TypeError, match="needs a LlamaForCausalLM"):
+  with pytest.raises(TypeError, match="needs a peftjax.models.LlamaForCausalLM, got"):
     generate(BertModel(BertConfig()), params, ids)
-  with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+  with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
     generate(model, params, ids, max_new_tokens=0)
   with pytest.raises(ValueError, match="temperature must be >= 0"):
     generate(model, params, ids, temperature=-1.0)

@@ -64,22 +64,22 @@ def test_parameter_counts_training_and_finalized(llama, bert):
   for (_, params, tree), cfg in [(llama[:3], LLAMA), (bert, BERT)]:
     L, e = cfg.num_layers, cfg.hidden_size
     d = getattr(cfg, "num_kv_heads", cfg.num_heads) * cfg.head_dim
-    node = tree["prefix"]
+    node = tree.prefix
     assert isinstance(node, PrefixMLP) and node.shape == (L, 2, P, d // cfg.head_dim, cfg.head_dim)
     s = peftjax.summary(tree)
     assert s.trainable == P * e + (e * H + H) + (H * 2 * L * d + 2 * L * d)
     assert s.total == sum(x.size for x in jax.tree.leaves(params)) + s.trainable
     fin = peftjax.prefix.finalize(tree)
-    assert isinstance(fin["prefix"], Prefix)
+    assert isinstance(fin.prefix, Prefix)
     assert peftjax.summary(fin).trainable == 2 * L * P * d
-    np.testing.assert_allclose(fin["prefix"].kv, hand_prefix(node), rtol=1e-6)
+    np.testing.assert_allclose(fin.prefix.kv, hand_prefix(node), rtol=1e-6)
     direct = peftjax.prefix.apply(params, cfg, P, projection=False)
     assert peftjax.summary(direct).trainable == 2 * L * P * d
 
 
 def test_forward_equals_reference_and_finalize_keeps_outputs(llama, bert):
   model, params, tree, fwd = llama
-  kv = hand_prefix(tree["prefix"])
+  kv = hand_prefix(tree.prefix)
   ref = jax.jit(model.apply)({"params": params}, IDS, prefix=kv)
   got = fwd(tree, IDS)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -89,10 +89,10 @@ def test_forward_equals_reference_and_finalize_keeps_outputs(llama, bert):
   smodel = LlamaForCausalLM(LLAMA, scan_layers=True)
   sparams = {k: v for k, v in params.items() if not k.startswith("layers_")}
   sparams["layers"] = jax.tree.map(lambda *x: jnp.stack(x), params["layers_0"], params["layers_1"])
-  sout = jax.jit(peftjax.prefix.forward(smodel))({"params": sparams, "prefix": tree["prefix"]}, IDS)
+  sout = jax.jit(peftjax.prefix.forward(smodel))({"params": sparams, "prefix": tree.prefix}, IDS)
   np.testing.assert_allclose(sout, got, rtol=1e-5, atol=1e-5)
   model, params, tree = bert
-  ref = jax.jit(model.apply)({"params": params}, IDS, prefix=hand_prefix(tree["prefix"]))
+  ref = jax.jit(model.apply)({"params": params}, IDS, prefix=hand_prefix(tree.prefix))
   got = jax.jit(peftjax.prefix.forward(model))(tree, IDS)
   np.testing.assert_allclose(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
 
@@ -120,16 +120,16 @@ def test_padding_and_causal_mask_are_respected(llama, bert):
 def test_gradients_jit_and_no_jit(llama, value_and_grad):
   model, params, tree, _ = llama
   trainable, frozen = peftjax.split(tree)
-  ref = lambda t: xent(model.apply({"params": params}, IDS, prefix=hand_prefix(t["prefix"])), IDS)
+  ref = lambda t: xent(model.apply({"params": params}, IDS, prefix=hand_prefix(t.prefix)), IDS)
   _, g = value_and_grad(trainable, frozen)
   gr = jax.jit(jax.grad(ref))(trainable)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gr)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert all(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(g))
   # without jit, through lift on a small function of the prefix
-  small = lambda t: jnp.sum(jnp.sin(peftjax.prefix.kv(t["prefix"], 2)) ** 2)
+  small = lambda t: jnp.sum(jnp.sin(peftjax.prefix.kv(t.prefix, 2)) ** 2)
   gl = jax.grad(lambda t: peftjax.lift(small)(peftjax.combine(t, frozen)))(trainable)
-  ge = jax.grad(lambda t: jnp.sum(jnp.sin(hand_prefix(t["prefix"])) ** 2) * 2)(trainable)
+  ge = jax.grad(lambda t: jnp.sum(jnp.sin(hand_prefix(t.prefix)) ** 2) * 2)(trainable)
   for a, b in zip(jax.tree.leaves(gl), jax.tree.leaves(ge)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -192,5 +192,5 @@ def test_bad_calls(llama):
     peftjax.prefix.kv(jnp.zeros((2, 3)), 2)
   with pytest.raises(TypeError, match="needs input_ids .* or inputs_embeds="):
     peftjax.prefix.forward(model)(tree)
-  with pytest.raises(TypeError, match=r"expects the tree \{'params': \.\.\., 'prefix': \.\.\.\}"):
-    peftjax.prefix.forward(model)({"params": params, "prompt": tree["prefix"]}, IDS)
+  with pytest.raises(TypeError, match=r"peftjax.prefix.generate expects a tree with a prefix"):
+    peftjax.prefix.generate(model, peftjax.Tuned(params, prompt=tree.prefix), IDS)

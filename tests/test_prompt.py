@@ -64,8 +64,8 @@ def hand_built(prompt, table, ids, mask):
 def test_init_modes_and_parameter_count(llama):
   _, params, tree, _ = llama
   table = params["embed_tokens"]["embedding"]
-  assert isinstance(tree["prompt"], SoftPrompt) and tree["prompt"].shape == (P, 32)
-  assert float(jnp.max(jnp.abs(tree["prompt"].tokens))) <= 0.5
+  assert isinstance(tree.prompt, SoftPrompt) and tree.prompt.shape == (P, 32)
+  assert float(jnp.max(jnp.abs(tree.prompt.tokens))) <= 0.5
   s = peftjax.summary(tree)
   assert s.trainable == P * 32 and s.total == sum(x.size for x in jax.tree.leaves(params)) + P * 32
   voc = peftjax.prompt.init(params, 5, init="vocab", key=jax.random.key(1)).tokens
@@ -78,7 +78,7 @@ def test_init_modes_and_parameter_count(llama):
 def test_forward_equals_hand_built_inputs(llama, bert):
   model, params, tree, fwd = llama
   mask = np.ones_like(IDS)
-  emb, m = hand_built(tree["prompt"].tokens, params["embed_tokens"]["embedding"], IDS, mask)
+  emb, m = hand_built(tree.prompt.tokens, params["embed_tokens"]["embedding"], IDS, mask)
   ref = jax.jit(model.apply)({"params": params}, inputs_embeds=emb, attention_mask=m)
   got = fwd(tree, IDS, mask)
   assert got.shape == (2, 7, 48)
@@ -86,7 +86,7 @@ def test_forward_equals_hand_built_inputs(llama, bert):
   # BERT: token types extended; the sequence output is stripped, the pooled one is not
   model, params, tree = bert
   types = np.ones_like(IDS)
-  emb, m = hand_built(tree["prompt"].tokens, params["embeddings"]["word_embeddings"]["embedding"],
+  emb, m = hand_built(tree.prompt.tokens, params["embeddings"]["word_embeddings"]["embedding"],
                       IDS, mask)
   ref = jax.jit(model.apply)({"params": params}, inputs_embeds=emb, attention_mask=m,
                              token_type_ids=np.concatenate([np.zeros((2, P), np.int32), types], 1))
@@ -120,19 +120,19 @@ def test_gradients_jit_and_no_jit(llama, value_and_grad):
   model, params, tree, _ = llama
   table = params["embed_tokens"]["embedding"]
   ref = lambda t: xent(model.apply({"params": params}, inputs_embeds=hand_built(
-      t["prompt"].tokens, table, IDS, np.ones_like(IDS))[0])[:, P:], IDS)
+      t.prompt.tokens, table, IDS, np.ones_like(IDS))[0])[:, P:], IDS)
   trainable, frozen = peftjax.split(tree)
   _, g = value_and_grad(trainable, frozen)
   gr = jax.jit(jax.grad(lambda t: ref(peftjax.combine(t, frozen))))(trainable)
-  np.testing.assert_allclose(g["prompt"].tokens, gr["prompt"].tokens, rtol=1e-4, atol=1e-6)
-  assert float(jnp.max(jnp.abs(g["prompt"].tokens))) > 0
+  np.testing.assert_allclose(g.prompt.tokens, gr.prompt.tokens, rtol=1e-4, atol=1e-6)
+  assert float(jnp.max(jnp.abs(g.prompt.tokens))) > 0
   # without jit, through lift on a small function of the model inputs
   w = jnp.asarray(np.random.RandomState(1).randn(32, 5), jnp.float32)
   small = lambda t: jnp.sum(jnp.tanh(peftjax.prompt.prepend(
-      t["prompt"], peftjax.prompt.embed(t["params"], IDS))["inputs_embeds"] @ w))
+      t.prompt, peftjax.prompt.embed(t.params, IDS))["inputs_embeds"] @ w))
   gl = jax.grad(lambda t: peftjax.lift(small)(peftjax.combine(t, frozen)))(trainable)
   ge = jax.grad(lambda t: small(peftjax.merge(peftjax.combine(t, frozen))))(trainable)
-  np.testing.assert_allclose(gl["prompt"].tokens, ge["prompt"].tokens, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gl.prompt.tokens, ge.prompt.tokens, rtol=1e-5, atol=1e-6)
 
 
 def test_trains_with_optimizer_and_frozen_leaves_stay(llama, value_and_grad):
@@ -214,10 +214,13 @@ def test_prepend_shape_errors(prompt, emb, mask, msg):
     peftjax.prompt.prepend(prompt, emb, mask)
 
 
-def test_wrong_tree(llama):
+def test_plain_tree_runs_the_base_model_and_generate_needs_a_prompt(llama):
+  """peftjax.forward reads every tuned tree: a plain one is the model's own forward pass."""
   model, params, tree, _ = llama
-  with pytest.raises(TypeError, match=r"expects the tree \{'params': \.\.\., 'prompt': \.\.\.\}"):
-    peftjax.prompt.forward(model)(params, IDS)
+  np.testing.assert_allclose(peftjax.prompt.forward(model)(params, IDS),
+                             model.apply({"params": params}, IDS), rtol=1e-6)
+  with pytest.raises(TypeError, match=r"peftjax.prompt.generate expects a tree with a prompt"):
+    peftjax.prompt.generate(model, params, IDS, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("kw,err,msg", [

@@ -95,7 +95,7 @@ def test_encoders_match_reference_and_counts(llama, lstm_tree, mlp_tree):
   _, params = llama
   d, h = 32, HID
   mlp = mlp_tree
-  assert isinstance(mlp["prompt"], PromptEncoder) and mlp["prompt"].shape == (P, d)
+  assert isinstance(mlp.prompt, PromptEncoder) and mlp.prompt.shape == (P, d)
   assert peftjax.summary(mlp).trainable == P * d + (d * h + h) + (h * h + h) + (h * d + d)
   head = (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
   assert peftjax.summary(lstm_tree).trainable == P * d + 2 * (d * 4 * h + h * 4 * h + 4 * h) + head
@@ -103,15 +103,15 @@ def test_encoders_match_reference_and_counts(llama, lstm_tree, mlp_tree):
   assert peftjax.summary(two).trainable == (P * d + 2 * (d * 4 * h + h * 4 * h + 4 * h) +
                                             2 * (2 * h * 4 * h + h * 4 * h + 4 * h) + head)
   for tree in (mlp, lstm_tree):
-    np.testing.assert_allclose(tree["prompt"].materialize(), ref_encoder(tree["prompt"]),
+    np.testing.assert_allclose(tree.prompt.materialize(), ref_encoder(tree.prompt),
                                rtol=1e-5, atol=1e-6)
     fin = peftjax.ptuning.finalize(tree)
-    assert isinstance(fin["prompt"], SoftPrompt)
+    assert isinstance(fin.prompt, SoftPrompt)
     assert peftjax.summary(fin).trainable == P * d
 
 
 def test_lstm_encoder_gradients_without_jit(lstm_tree):
-  node = lstm_tree["prompt"]
+  node = lstm_tree.prompt
   w = jnp.asarray(np.random.RandomState(2).randn(P, 32), jnp.float32)
   g = jax.grad(lambda n: jnp.sum(jnp.sin(n.materialize()) * w))(node)
   gr = jax.grad(lambda n: jnp.sum(jnp.sin(ref_encoder(n, jnp)) * w))(node)
@@ -129,7 +129,7 @@ def test_forward_gradients_training_and_finalize(llama, mlp_tree):
   table = params["embed_tokens"]["embedding"]
 
   def ref(t):
-    soft = peftjax.ptuning.finalize(peftjax.combine(t, frozen))["prompt"].tokens
+    soft = peftjax.ptuning.finalize(peftjax.combine(t, frozen)).prompt.tokens
     emb = jnp.concatenate([jnp.broadcast_to(soft, (2, P, 32)), table[IDS]], 1)
     return xent(model.apply({"params": params}, inputs_embeds=emb)[:, P:], IDS)
 
@@ -139,7 +139,7 @@ def test_forward_gradients_training_and_finalize(llama, mlp_tree):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # without jit: the encoder's gradient through lift equals the direct one
   w = jnp.asarray(np.random.RandomState(2).randn(32), jnp.float32)
-  small = lambda t: jnp.sum(jnp.sin(peftjax.prompt.prepend(t["prompt"], table[IDS])[
+  small = lambda t: jnp.sum(jnp.sin(peftjax.prompt.prepend(t.prompt, table[IDS])[
       "inputs_embeds"] @ w))
   gl = jax.grad(lambda t: peftjax.lift(small)(peftjax.combine(t, frozen)))(trainable)
   ge = jax.grad(lambda t: small(peftjax.merge(peftjax.combine(t, frozen))))(trainable)
@@ -158,7 +158,7 @@ def test_forward_gradients_training_and_finalize(llama, mlp_tree):
     np.testing.assert_array_equal(a, b)
   # finalize: same outputs without the encoder; generation is the prompt-tuning path
   fin = peftjax.ptuning.finalize(new)
-  np.testing.assert_array_equal(fin["prompt"].tokens, new["prompt"].materialize())
+  np.testing.assert_array_equal(fin.prompt.tokens, new.prompt.materialize())
   out_enc = peftjax.prompt.generate(model, new, IDS, max_new_tokens=4, stop_tokens=())
   out_fin = peftjax.prompt.generate(model, fin, IDS, max_new_tokens=4, stop_tokens=())
   np.testing.assert_array_equal(out_enc.tokens, out_fin.tokens)
@@ -167,15 +167,15 @@ def test_forward_gradients_training_and_finalize(llama, mlp_tree):
 def test_ptuning_v2_deep_prompts_train(llama):
   model, params = llama
   tree = peftjax.ptuning.apply_v2(params, LLAMA, P, init_std=0.5, key=jax.random.key(7))
-  assert isinstance(tree["prefix"], Prefix) and tree["prefix"].shape == (2, 2, P, 2, 8)
+  assert isinstance(tree.prefix, Prefix) and tree.prefix.shape == (2, 2, P, 2, 8)
   assert peftjax.summary(tree).trainable == 2 * 2 * P * 16          # 2 * L * p * d
   fwd = peftjax.prefix.forward(model)
   vg = jax.jit(jax.value_and_grad(lambda t, f: xent(fwd(peftjax.combine(t, f), IDS), IDS)))
   trainable, frozen = peftjax.split(tree)
-  ref = lambda t: xent(model.apply({"params": params}, IDS, prefix=t["prefix"].kv), IDS)
+  ref = lambda t: xent(model.apply({"params": params}, IDS, prefix=t.prefix.kv), IDS)
   (l0, g), (lr, gr) = vg(trainable, frozen), jax.jit(jax.value_and_grad(ref))(trainable)
   np.testing.assert_allclose(l0, lr, rtol=1e-5)
-  np.testing.assert_allclose(g["prefix"].kv, gr["prefix"].kv, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(g.prefix.kv, gr.prefix.kv, rtol=1e-4, atol=1e-6)
   tx = peftjax.optimizer(optax.adam(5e-2), tree)
   update, state, losses = jitted_update(tx), tx.init(trainable), []
   for _ in range(8):

@@ -95,6 +95,15 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
   assert again.start_step == 6 and not [h for h in again.history if "loss" in h]
   for a, b in zip(_trainable(ref.params), _trainable(again.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the trainer's checkpoints are peftjax.train.checkpoint's (io.checkpoint's name is an alias)
+  from peftjax.io.checkpoint import TrainCheckpointer as old_name
+  from peftjax.train.checkpoint import Checkpoint, TrainCheckpointer
+  assert old_name is TrainCheckpointer
+  with TrainCheckpointer(ckpt) as c:
+    saved = c.restore(tuned)
+  assert isinstance(saved, Checkpoint) and saved.step == 6 and saved.opt_state is None
+  for a, b in zip(_trainable(ref.params), _trainable(saved.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resume_with_a_plain_iterator_skips_the_consumed_batches(tmp_path):

@@ -16,7 +16,6 @@ import functools
 import inspect
 import math
 import re
-import zlib
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -61,9 +60,7 @@ def as_key(key):
   return key
 
 
-def path_key(key, path: str):
-  """``fold_in(key, crc32(path))``: a per-path key that does not depend on traversal order."""
-  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+path_key = targeting.path_key
 
 
 def check_positive_int(value, name: str) -> int:
@@ -95,12 +92,7 @@ def random_arrays(key, specs: tuple, dtype) -> list:
   return out
 
 
-def describe(leaf) -> str:
-  if is_node(leaf):
-    return f"{type(leaf).__name__}{list(leaf.shape)}"
-  if targeting.is_array(leaf):
-    return f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
-  return type(leaf).__name__
+describe = targeting.describe_leaf
 
 
 def place_on(v, axes: Sequence[int], ndim: int):
@@ -227,15 +219,11 @@ class SoftPrompt(Node):
   """
 
   tokens: jax.Array
+  type_id = "soft_prompt"
+  base_field = "tokens"
+  hf_peft_type = "PROMPT_TUNING"
   trainable_fields = ("tokens",)
 
-  @property
-  def shape(self):
-    return tuple(self.tokens.shape)
-
-  @property
-  def dtype(self):
-    return self.tokens.dtype
 
   def materialize(self):
     return self.tokens
@@ -254,15 +242,11 @@ class Prefix(Node):
   """
 
   kv: jax.Array
+  type_id = "prefix"
+  base_field = "kv"
+  hf_peft_type = "PREFIX_TUNING"
   trainable_fields = ("kv",)
 
-  @property
-  def shape(self):
-    return tuple(self.kv.shape)
-
-  @property
-  def dtype(self):
-    return self.kv.dtype
 
   def materialize(self):
     return self.kv
@@ -351,89 +335,3 @@ def batch_prefix(kv, batch: int):
     raise ValueError(f"prefix must be [layers, 2, n_tokens, kv_heads, head_dim], got shape "
                      f"{tuple(kv.shape)}")
   return jnp.broadcast_to(kv[:, :, None], kv.shape[:2] + (batch,) + kv.shape[2:])
-
-
-@functools.lru_cache(maxsize=32)
-def lifted_apply(model):
-  """``peftjax.lift(model.apply)``, one per model, so repeated calls reuse traces."""
-  from peftjax._src.lift import lift
-  return lift(model.apply)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "config", "max_new_tokens", "temperature",
-                                             "top_p", "top_k", "stop_tokens", "pad_token_id",
-                                             "cache_dtype"))
-def _generate_embeds(params, embeds, attention_mask, key, prefix, *, apply_fn, config,
-                     max_new_tokens, temperature, top_p, top_k, stop_tokens, pad_token_id,
-                     cache_dtype):
-  # Mirrors peftjax.models.generate._generate, with the prefill fed by inputs_embeds.
-  from peftjax.models.generate import GenerateOutput, sample_logits
-  from peftjax.models.llama import init_cache
-  b, t0 = embeds.shape[:2]
-  cache = init_cache(config, b, t0 + max_new_tokens, cache_dtype)
-  mask = jnp.concatenate([attention_mask.astype(jnp.int32),
-                          jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
-  last = jnp.maximum(t0 - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1), 0)
-  kw = {} if prefix is None else {"prefix": prefix}
-  logits, cache = apply_fn({"params": params}, inputs_embeds=embeds, attention_mask=mask,
-                           cache=cache, logits_index=last, **kw)
-  stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-
-  def pick(logits, i):
-    k = None if key is None else jax.random.fold_in(key, i)
-    return sample_logits(logits[:, -1], k, temperature, top_p, top_k)
-
-  tok = pick(logits, 0)
-  out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tok)
-  done = jnp.isin(tok, stops)
-  lengths = jnp.ones((b,), jnp.int32)
-
-  def cond(state):
-    i, _, _, _, done, _ = state
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    i, tok, cache, out, done, lengths = state
-    logits, cache = apply_fn({"params": params}, tok[:, None], attention_mask=mask, cache=cache,
-                             **kw)
-    new = jnp.where(done, pad_token_id, pick(logits, i))
-    out = out.at[:, i].set(new)
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(new, stops)
-    return i + 1, new, cache, out, done, lengths
-
-  state = (jnp.asarray(1, jnp.int32), tok, cache, out, done, lengths)
-  _, _, _, out, _, lengths = lax.while_loop(cond, body, state)
-  return GenerateOutput(out, lengths)
-
-
-def generate_from_embeds(model, params, embeds, attention_mask, *, max_new_tokens: int = 32,
-                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                         stop_tokens=None, pad_token_id=None, key=None, prefix=None,
-                         cache_dtype=None):
-  """KV-cache generation whose prompt is given as embeddings ``[batch, t, hidden]``.
-
-  The same loop and outputs as :func:`peftjax.models.generate`; ``params`` may hold nodes.
-  """
-  from peftjax.models.llama import LlamaForCausalLM
-  if not isinstance(model, LlamaForCausalLM):
-    raise TypeError(f"generation needs a peftjax.models.LlamaForCausalLM, got "
-                    f"{type(model).__name__}")
-  max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  if temperature > 0 and key is None:
-    raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(...)")
-  cfg = model.config
-  stop_tokens = tuple(int(s) for s in (cfg.stop_token_ids if stop_tokens is None else stop_tokens))
-  if pad_token_id is None:
-    pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-  has_nodes = any(is_node(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_node))
-  apply_fn = lifted_apply(model) if has_nodes else model.apply
-  return _generate_embeds(params, embeds, jnp.asarray(attention_mask, jnp.int32), key, prefix,
-                          apply_fn=apply_fn, config=cfg, max_new_tokens=max_new_tokens,
-                          temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                          stop_tokens=stop_tokens, pad_token_id=int(pad_token_id),
-                          cache_dtype=jnp.dtype(cache_dtype or model.dtype))

@@ -292,3 +292,9 @@ def lift(fn: Callable) -> Callable:
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
   return lifted
+
+
+@functools.lru_cache(maxsize=32)
+def lifted_apply(model):
+  """``lift(model.apply)``, one per (hashable) model, so repeated calls reuse traces."""
+  return lift(model.apply)

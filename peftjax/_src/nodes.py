@@ -6,7 +6,22 @@ computes the same array in a cheaper or trainable way: ``LoraWeight(w, a, b)`` i
 
 * is a dataclass registered as a JAX pytree with :func:`node_dataclass` (array fields are children,
   fields declared with ``static_field()`` are static metadata);
-* names its trainable fields in ``trainable_fields`` (everything else is frozen);
+* declares its roles as class attributes, checked by :func:`node_dataclass` when the class is
+  created (a wrong declaration fails at import, not in a user's run):
+
+  - ``type_id``: a stable name for checkpoint manifests (``"lora"``), unique among node types;
+  - ``trainable_fields``: the fields whose leaves train (everything else is frozen);
+  - ``base_field``: the field holding the array the node stands for (LoRA's ``w``); ``shape``
+    and ``dtype`` derive from it. When that field is frozen it is the *base weight*, which
+    adapter checkpoints take from the base model instead of saving. ``None``: the node computes
+    its own ``shape``/``dtype`` (and must define them);
+  - ``rng_field``: a frozen field holding per-step randomness (raw ``uint32[*layers, 2]`` key
+    data) that :func:`set_rng` fills and checkpoints never save; ``None`` if the node has none;
+  - ``execution_fields``: static fields that choose *how* the node is computed, not *what*
+    (LoRA's ``matmul``): a restored checkpoint keeps the template's value;
+  - ``mergeable``: whether :func:`peftjax.merge` can fold it into a plain array;
+  - ``hf_peft_type``: the Hugging Face PEFT ``peft_type`` its adapter is saved as, or ``None``;
+
 * knows the array it stands for: ``shape``, ``dtype`` and :meth:`Node.materialize`;
 * may implement a fast rule for ``dot_general`` with the node as the right-hand operand
   (:meth:`Node.dot_general`); :func:`dot_general` below normalizes the left-hand case onto it;
@@ -22,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +51,16 @@ __all__ = [
     "materialize",
     "dot_general",
     "shape_dtype",
+    "set_rng",
+    "node_types",
+    "node_type",
 ]
+
+#: type_id -> node class, filled by :func:`node_dataclass`.
+_NODE_TYPES: dict[str, type] = {}
+#: other names a node class was stored under (``"peftjax.lora.LoraWeight"``, the module path
+#: that format-1 manifests recorded) -> type_id.
+_ALIASES: dict[str, str] = {}
 
 
 def static_field(**kwargs):
@@ -47,8 +71,23 @@ def static_field(**kwargs):
 class Node:
   """Base class of every node. Subclasses are created with :func:`node_dataclass`."""
 
+  #: Stable name of the node type in checkpoint manifests (required, unique).
+  type_id: ClassVar[str] = ""
   #: Names of the fields whose leaves are trained. All other array fields are frozen.
   trainable_fields: ClassVar[tuple[str, ...]] = ()
+  #: The field holding the array the node stands for (``shape``/``dtype`` derive from it); when
+  #: it is frozen, it is the base weight. None: the node defines ``shape`` and ``dtype`` itself.
+  base_field: ClassVar[Optional[str]] = None
+  #: Frozen field of per-step PRNG key data, filled by :func:`set_rng`; never checkpointed.
+  rng_field: ClassVar[Optional[str]] = None
+  #: Static fields that choose how the node is computed (kept from the template on restore).
+  execution_fields: ClassVar[tuple[str, ...]] = ()
+  #: Whether :func:`peftjax.merge` folds the node into a plain array.
+  mergeable: ClassVar[bool] = True
+  #: Hugging Face PEFT ``peft_type`` this node's adapter is written as, or None.
+  hf_peft_type: ClassVar[Optional[str]] = None
+  #: Earlier names of the type in manifests (the class's ``module.qualname`` is added).
+  aliases: ClassVar[tuple[str, ...]] = ()
   #: Whether a reparameterization (LoRA) may wrap this node as its frozen base.
   wrappable: ClassVar[bool] = False
   #: Whether every array leaf carries the node's leading axis, so that slicing all leaves on axis
@@ -60,11 +99,26 @@ class Node:
   # -- the array this node stands for ---------------------------------------------------------
   @property
   def shape(self) -> tuple[int, ...]:
-    raise NotImplementedError
+    return tuple(getattr(self, self.base_field).shape)
 
   @property
   def dtype(self) -> jnp.dtype:
-    raise NotImplementedError
+    return getattr(self, self.base_field).dtype
+
+  @property
+  def base(self):
+    """The frozen base weight (the ``base_field``'s value when that field is frozen), or None."""
+    f = self.base_field
+    return None if f is None or f in self.trainable_fields else getattr(self, f)
+
+  # -- per-step randomness ---------------------------------------------------------------------
+  def wants_rng(self) -> bool:
+    """Whether :func:`set_rng` should give this node key data (default: it has an rng field)."""
+    return self.rng_field is not None
+
+  def rng_shape(self) -> tuple[int, ...]:
+    """Leading (layer) axes of the key data: one key per layer of a layer-stacked node."""
+    return tuple(self.shape[:getattr(self, "n_batch", 0)])
 
   @property
   def ndim(self) -> int:
@@ -148,16 +202,141 @@ class Node:
 
 
 def node_dataclass(cls):
-  """Makes ``cls`` a frozen dataclass registered as a pytree node.
+  """Makes ``cls`` a frozen dataclass registered as a pytree node, after checking its roles.
 
-  Fields made with :func:`static_field` become static metadata; all others are children.
+  Fields made with :func:`static_field` become static metadata; all others are children. The
+  class's role declarations (see the module docstring) must be consistent, else ``TypeError``
+  here, at class creation: ``type_id`` set and unique; ``trainable_fields``, ``base_field`` and
+  ``rng_field`` naming data fields (the rng field frozen, defaulting to None);
+  ``execution_fields`` naming static fields; ``shape``/``dtype`` defined when there is no
+  ``base_field``.
+
+  >>> import jax.numpy as jnp
+  >>> @node_dataclass
+  ... class Scaled(Node):
+  ...   type_id = "doc_scaled"
+  ...   w: jax.Array
+  ...   s: jax.Array
+  ...   base_field, trainable_fields = "w", ("s",)
+  ...   def materialize(self):
+  ...     return self.w * self.s
+  >>> Scaled(jnp.ones((2, 3)), jnp.full((3,), 2.0)).shape
+  (2, 3)
+  >>> @node_dataclass
+  ... class Broken(Node):
+  ...   type_id = "doc_broken"
+  ...   w: jax.Array
+  ...   trainable_fields = ("v",)
+  Traceback (most recent call last):
+  TypeError: Broken.trainable_fields names 'v', which is not a data field (data fields: ['w'])
   """
   cls = dataclasses.dataclass(frozen=True, repr=False, eq=False)(cls)
   data, meta = [], []
   for f in dataclasses.fields(cls):
     (meta if f.metadata.get("static", False) else data).append(f.name)
+  _check_roles(cls, data, meta)
   jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+  _NODE_TYPES[cls.type_id] = cls
+  for name in (f"{cls.__module__}.{cls.__qualname__}", *cls.aliases):
+    _ALIASES[name] = cls.type_id
   return cls
+
+
+def _check_roles(cls, data: list, meta: list):
+  name = cls.__name__
+
+  def fail(msg):
+    raise TypeError(f"{name}.{msg}")
+
+  tid = cls.__dict__.get("type_id")
+  if not isinstance(tid, str) or not tid:
+    fail("type_id must be declared (a stable, unique string for checkpoint manifests)")
+  if tid in _NODE_TYPES and _NODE_TYPES[tid].__qualname__ != cls.__qualname__:
+    fail(f"type_id {tid!r} is already used by {_NODE_TYPES[tid].__module__}."
+         f"{_NODE_TYPES[tid].__qualname__}")
+  for f in cls.trainable_fields:
+    if f not in data:
+      fail(f"trainable_fields names {f!r}, which is not a data field (data fields: {data})")
+  for role in ("base_field", "rng_field"):
+    f = getattr(cls, role)
+    if f is not None and f not in data:
+      fail(f"{role} names {f!r}, which is not a data field (data fields: {data})")
+  if cls.rng_field is not None:
+    if cls.rng_field in cls.trainable_fields:
+      fail(f"rng_field {cls.rng_field!r} is also trainable; key data must be frozen")
+    default = {f.name: f.default for f in dataclasses.fields(cls)}[cls.rng_field]
+    if default is not None:
+      fail(f"rng_field {cls.rng_field!r} must default to None (no randomness until set_rng)")
+  for f in cls.execution_fields:
+    if f not in meta:
+      fail(f"execution_fields names {f!r}, which is not a static field (static fields: {meta})")
+  if cls.base_field is None:
+    for prop in ("shape", "dtype"):
+      if getattr(cls, prop) is getattr(Node, prop):
+        fail(f"{prop} must be defined: the node declares no base_field to derive it from")
+  if not isinstance(cls.mergeable, bool):
+    fail(f"mergeable must be a bool, got {cls.mergeable!r}")
+
+
+def node_types() -> dict[str, type]:
+  """Every registered node type: ``{type_id: class}`` (importing peftjax's method modules)."""
+  import importlib
+  for mod in ("lora", "qlora", "quant", "adapters", "ia3", "prompt", "prefix", "ptuning",
+              "bitfit", "partial", "diff_pruning"):
+    importlib.import_module(f"peftjax.{mod}")
+  return dict(_NODE_TYPES)
+
+
+def node_type(name: str) -> type:
+  """The node class of a manifest name: a ``type_id`` or an earlier name (``module.qualname``).
+
+  Raises:
+    ValueError: no node type has that name.
+  """
+  types = node_types()
+  tid = name if name in types else _ALIASES.get(name)
+  if tid is None:
+    raise ValueError(f"no peftjax node type is called {name!r} (known: {sorted(types)})")
+  return types[tid]
+
+
+def set_rng(tree, key):
+  """Gives every node that wants per-step randomness fresh key data from ``key``.
+
+  Each node's key is ``fold_in(key, crc32(path))`` (independent of traversal order), split per
+  layer for layer-stacked nodes, stored as raw ``uint32[*layers, 2]`` in its ``rng_field``
+  (LoRA dropout, DiffPruning gate noise). Call once per training step; ``key=None`` clears
+  the keys (evaluation: deterministic). Works under ``jit``.
+
+  Raises:
+    TypeError: ``key`` is neither a PRNG key (typed or raw ``uint32[2]``) nor None.
+
+  >>> import jax, jax.numpy as jnp, peftjax
+  >>> t = peftjax.lora.apply({"d": {"kernel": jnp.ones((4, 4))}}, rank=2, dropout=0.1)
+  >>> set_rng(t, jax.random.key(0))["d"]["kernel"].dropout_key.shape
+  (2,)
+  >>> set_rng(t, None)["d"]["kernel"].dropout_key is None
+  True
+  """
+  if key is not None and not (isinstance(key, jax.Array) and
+                              (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or
+                               key.shape[-1:] == (2,))):
+    raise TypeError(f"key must be a PRNG key (jax.random.key) or None, got {key!r}")
+  if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+
+  def visit(path, x):
+    if not is_node(x) or not x.wants_rng():
+      return x
+    if key is None:
+      return x.replace(**{x.rng_field: None})
+    from peftjax._src.targeting import path_key, path_str
+    k = path_key(key, path_str(path))
+    lead = x.rng_shape()
+    ks = jax.random.split(k, math.prod(lead)) if lead else k
+    return x.replace(**{x.rng_field: jax.random.key_data(ks).reshape(*lead, 2)})
+
+  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_node)
 
 
 def is_node(x: Any) -> bool:

@@ -51,15 +51,10 @@ class Trainable(Node):
 
   value: jax.Array
 
+  type_id = "trainable"
+  base_field = "value"
   trainable_fields = ("value",)
 
-  @property
-  def shape(self):
-    return tuple(self.value.shape)
-
-  @property
-  def dtype(self):
-    return self.value.dtype
 
   def materialize(self):
     return self.value
@@ -92,16 +87,11 @@ class SliceTrainable(Node):
   index: tuple = static_field(default=())
   n_lead: int = static_field(default=1)
 
+  type_id = "slice_trainable"
+  base_field = "frozen"
   trainable_fields = ("value",)
   scan_slices_leaves = False  # ``value`` has k, not L, rows: materialized before a scan
 
-  @property
-  def shape(self):
-    return tuple(self.frozen.shape)
-
-  @property
-  def dtype(self):
-    return self.frozen.dtype
 
   def materialize(self):
     shape = self.shape
@@ -145,16 +135,11 @@ class SparseDelta(Node):
   indices: jax.Array
   values: jax.Array
 
+  type_id = "sparse_delta"
+  base_field = "w"
   trainable_fields = ("values",)
   scan_slices_leaves = False  # flat indices into the whole stacked array: materialized first
 
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
 
   @property
   def k(self) -> int:
@@ -237,15 +222,11 @@ class DiffPruningWeight(Node):
   gamma: float = static_field(default=-0.1)
   zeta: float = static_field(default=1.1)
 
+  type_id = "diff_pruning"
+  base_field = "w"
+  rng_field = "key"
   trainable_fields = ("delta", "log_alpha")
 
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
 
   def gate(self) -> jax.Array:
     """The gate ``z`` in ``[0, 1]``, shape of ``w`` (float32; stochastic when ``key`` is set)."""
@@ -284,12 +265,21 @@ class DiffPruningWeight(Node):
 
 # -- helpers shared by the method modules --------------------------------------------------------
 
-def describe_leaf(leaf) -> str:
-  if is_node(leaf):
-    return f"{type(leaf).__name__}{list(leaf.shape)}"
-  if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-    return f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
-  return f"{type(leaf).__name__} {leaf!r}"
+describe_leaf = targeting.describe_leaf
+
+
+def top_k(mags: np.ndarray, k: int) -> np.ndarray:
+  """Sorted flat positions of the ``k`` largest values (ties: lower position first).
+
+  >>> top_k(np.array([0.5, 2.0, 0.5, 1.0]), 3).tolist()
+  [0, 1, 3]
+  """
+  if k == mags.size:
+    return np.arange(mags.size)
+  kth = np.partition(mags, mags.size - k)[mags.size - k]
+  above = np.flatnonzero(mags > kth)
+  at = np.flatnonzero(mags == kth)[:k - above.size]
+  return np.sort(np.concatenate([above, at]))
 
 
 def check_plain_float(path: str, leaf, method: str) -> None:

@@ -18,6 +18,7 @@ A spec that selects nothing is an error naming the spec and showing a few real p
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Any, Callable, Iterable, Sequence, Union
 
 import jax
@@ -51,6 +52,21 @@ def path_str(path: tuple) -> str:
   if names and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
     names = names[:-1]  # flax.nnx Variable wrapper
   return "/".join(names)
+
+
+def path_key(key, path: str):
+  """``fold_in(key, crc32(path))``: a per-path key that does not depend on traversal order."""
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def describe_leaf(leaf) -> str:
+  """``"LoraWeight[64, 64]"``, ``"float32[64]"`` or ``"float 0.5"``: a leaf in one short phrase."""
+  if is_node(leaf):
+    return f"{type(leaf).__name__}{list(leaf.shape)}"
+  if is_array(leaf):
+    return f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
+  text = repr(leaf)
+  return f"{type(leaf).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def leaves_with_paths(tree) -> list[tuple[str, Any]]:
@@ -102,13 +118,7 @@ def compile_targets(targets: Targets) -> Callable[[str, Any], bool]:
 
 
 def describe_paths(pairs: list[tuple[str, Any]], n: int = 8) -> str:
-  def desc(leaf):
-    if is_node(leaf):
-      return f"{type(leaf).__name__}{list(leaf.shape)}"
-    if is_array(leaf):
-      return f"{jnp.dtype(leaf.dtype).name}{list(leaf.shape)}"
-    return type(leaf).__name__
-  shown = [f"  {p}: {desc(l)}" for p, l in pairs[:n]]
+  shown = [f"  {p}: {describe_leaf(l)}" for p, l in pairs[:n]]
   more = f"\n  ... ({len(pairs) - n} more)" if len(pairs) > n else ""
   return "\n".join(shown) + more
 

@@ -11,10 +11,11 @@ from peftjax.io.fetch import fetch
 from peftjax.io.gguf import from_gguf
 from peftjax.io.hf import SUPPORTED_MODEL_TYPES, Pretrained, from_pretrained, save_pretrained
 
-# Imported on first use (orbax and safetensors writers cost seconds at import time).
+# Imported on first use (orbax and safetensors writers cost seconds at import time). A module
+# name without a dot is one of peftjax.io's own.
 _LAZY = {
     "save_adapter": "checkpoint", "restore_adapter": "checkpoint", "read_manifest": "checkpoint",
-    "TrainCheckpointer": "checkpoint", "TrainState": "checkpoint",
+    "TrainCheckpointer": "peftjax.train.checkpoint", "Checkpoint": "peftjax.train.checkpoint",
     "load_hf_peft": "hf_peft", "save_hf_peft": "hf_peft", "read_hf_peft": "hf_peft",
     "export_merged": "export",
 }
@@ -25,5 +26,6 @@ __all__ = ["fetch", "from_pretrained", "from_gguf", "save_pretrained", "Pretrain
 
 def __getattr__(name):
   if name in _LAZY:
-    return getattr(importlib.import_module(f"peftjax.io.{_LAZY[name]}"), name)
+    mod = _LAZY[name]
+    return getattr(importlib.import_module(mod if "." in mod else f"peftjax.io.{mod}"), name)
   raise AttributeError(f"module 'peftjax.io' has no attribute {name!r}")

@@ -4,6 +4,8 @@ The result is an ordinary model (no PEFT needed to serve it): ``W + s * A @ B`` 
 dequantized weight for quantized bases (QLoRA), and so on for every node type, through
 :func:`peftjax.merge`. The directory is written by :func:`peftjax.io.save_pretrained`
 (``config.json`` + safetensors) and loads with ``transformers.AutoModel*.from_pretrained``.
+Methods that add model inputs instead of weights (a soft prompt, prefixes: the ``prompt`` or
+``prefix`` of a :class:`peftjax.Tuned`) have no merged form and are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node
 from peftjax._src.partition import merge
+from peftjax._src.tuned import as_tuned
 
 __all__ = ["merged_params", "export_merged"]
 
@@ -26,20 +29,28 @@ def merged_params(tuned, *, dtype=None):
   """``tuned`` with every node folded into a plain array (and the ``{"params": ...}`` wrapper off).
 
   Args:
-    tuned: a parameter tree with peftjax nodes (``params`` or ``{"params": params}``).
+    tuned: a parameter tree with peftjax nodes, in any shape :func:`peftjax.as_tuned` accepts
+      (``params``, ``{"params": params}``, a :class:`peftjax.Tuned` without prompt or prefix).
     dtype: cast floating leaves to this dtype (default: keep each leaf's dtype).
 
   Returns:
     A plain parameter tree.
+
+  Raises:
+    ValueError: the tree has a ``prompt`` or ``prefix`` (named): no weight holds it.
 
   >>> import jax.numpy as jnp, peftjax
   >>> t = peftjax.lora.apply({"params": {"d": {"kernel": jnp.ones((4, 4))}}}, rank=2)
   >>> merged_params(t, dtype=jnp.bfloat16)["d"]["kernel"].dtype
   dtype(bfloat16)
   """
-  if isinstance(tuned, dict) and len(tuned) == 1 and "params" in tuned:
-    tuned = tuned["params"]
-  plain = merge(tuned)
+  t = as_tuned(tuned)
+  slot = next(iter(t.slots()), None)
+  if slot is not None:
+    raise ValueError(f"the tree has a {slot} (Tuned.{slot}), a model input that no weight holds: "
+                     f"a merged model cannot include it. Export the {slot} method as a Hugging "
+                     f"Face PEFT adapter (peftjax.io.save_hf_peft) instead")
+  plain = merge(t.params)
   left = [p for p, leaf in targeting.leaves_with_paths(plain) if is_node(leaf)]
   if left:  # pragma: no cover - merge materializes every node
     raise ValueError(f"could not merge the node at {left[0]}")
@@ -55,8 +66,8 @@ def export_merged(tuned, model_or_config: Any, path: str | os.PathLike, *, dtype
   """Merges the adapters of ``tuned`` and writes a Hugging Face model directory.
 
   Args:
-    tuned: parameter tree of a reference model with adapters (``params`` or
-      ``{"params": params}``; per-layer or layer-stacked).
+    tuned: parameter tree of a reference model with adapters (``params``, ``{"params": params}``
+      or a :class:`peftjax.Tuned` without prompt or prefix; per-layer or layer-stacked).
     model_or_config: the reference model (:class:`~peftjax.models.LlamaForCausalLM`, a BERT
       model) or its config.
     path: output directory (created).
@@ -68,7 +79,8 @@ def export_merged(tuned, model_or_config: Any, path: str | os.PathLike, *, dtype
     The directory.
 
   Raises:
-    ValueError: parameters the model's layout does not have (named), unsupported configs.
+    ValueError: a prompt or prefix (named; no weight holds it), parameters the model's layout
+      does not have (named), unsupported configs.
 
   Example (files, so not run here)::
 

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from peftjax._src.additive import check_positive_int
+from peftjax._src.lift import lifted_apply
+from peftjax._src.nodes import is_node
 from peftjax.models.llama import LlamaForCausalLM, init_cache
 
 Array = jax.Array
@@ -67,35 +70,22 @@ def sample_logits(logits: Array, key: Optional[Array], temperature: float | Arra
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _has_nodes(params) -> bool:
-  try:
-    from peftjax._src.nodes import is_node
-  except ImportError:  # pragma: no cover
-    return False
-  return any(is_node(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_node))
-
-
-@functools.lru_cache(maxsize=32)
-def _lifted_apply(model):
-  """``peftjax.lift(model.apply)``, one per model, so repeated calls reuse the compiled program."""
-  import peftjax
-  return peftjax.lift(model.apply)
-
-
 @functools.partial(jax.jit, static_argnames=("apply_fn", "config", "max_new_tokens", "greedy",
                                              "nucleus", "top_k", "stop_tokens", "pad_token_id",
                                              "cache_dtype"))
-def _generate(params, input_ids, attention_mask, key, prefix, temperature, top_p, *, apply_fn,
-              config, max_new_tokens, greedy, nucleus, top_k, stop_tokens, pad_token_id,
-              cache_dtype):
-  b, t0 = input_ids.shape
+def _generate(params, input_ids, inputs_embeds, attention_mask, key, prefix, temperature, top_p,
+              *,
+              apply_fn, config, max_new_tokens, greedy, nucleus, top_k, stop_tokens,
+              pad_token_id, cache_dtype):
+  b, t0 = attention_mask.shape
   total = t0 + max_new_tokens
   cache = init_cache(config, b, total, cache_dtype)
   mask = jnp.concatenate([attention_mask.astype(jnp.int32),
                           jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
   last = jnp.maximum(t0 - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1), 0)
   kw = {} if prefix is None else {"prefix": prefix}
-  logits, cache = apply_fn({"params": params}, input_ids, attention_mask=mask, cache=cache,
+  first = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+  logits, cache = apply_fn({"params": params}, **first, attention_mask=mask, cache=cache,
                            logits_index=last, **kw)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
@@ -130,8 +120,9 @@ def _generate(params, input_ids, attention_mask, key, prefix, temperature, top_p
   return GenerateOutput(out, lengths)
 
 
-def generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
-             attention_mask: Optional[Array] = None, *, max_new_tokens: int = 32,
+def generate(model: LlamaForCausalLM, params: Any, input_ids: Optional[Array] = None,
+             attention_mask: Optional[Array] = None, *, inputs_embeds: Optional[Array] = None,
+             max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop_tokens: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None,
              key: Optional[Array] = None, prefix: Optional[Array] = None,
@@ -143,6 +134,8 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
     params: its parameters (the inner tree, without ``{"params": ...}``); may hold peftjax nodes.
     input_ids: int ``[batch, prompt_len]``, padded (left padding recommended).
     attention_mask: ``[batch, prompt_len]``, 1 real / 0 padding (default all ones).
+    inputs_embeds: ``[batch, prompt_len, hidden]``: the prompt as embeddings instead of
+      ``input_ids`` (give exactly one of them); e.g. a soft prompt before the tokens' embeddings.
     max_new_tokens: tokens to generate per row.
     temperature: 0 for greedy decoding, else sampling temperature (``key`` required).
     top_p: nucleus sampling mass (1.0 = off).
@@ -163,24 +156,34 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
     >>> tokenizer.batch_decode(out.tokens, skip_special_tokens=True)      # doctest: +SKIP
   """
   if not isinstance(model, LlamaForCausalLM):
-    raise TypeError(f"generate needs a LlamaForCausalLM, got {type(model).__name__}")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    raise TypeError(f"generation needs a peftjax.models.LlamaForCausalLM, got "
+                    f"{type(model).__name__}")
+  max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if temperature > 0 and key is None:
     raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(...)")
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be [batch, prompt_len], got shape {input_ids.shape}")
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError("give exactly one of input_ids and inputs_embeds")
+  if input_ids is not None:
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, prompt_len], got shape {input_ids.shape}")
+    shape = input_ids.shape
+  else:
+    inputs_embeds = jnp.asarray(inputs_embeds)
+    if inputs_embeds.ndim != 3:
+      raise ValueError(f"inputs_embeds must be [batch, prompt_len, hidden], got shape "
+                       f"{inputs_embeds.shape}")
+    shape = inputs_embeds.shape[:2]
   if attention_mask is None:
-    attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.ones(shape, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
-  if attention_mask.shape != input_ids.shape:
-    raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
-                     f"{input_ids.shape}")
+  if attention_mask.shape != tuple(shape):
+    raise ValueError(f"attention_mask shape {attention_mask.shape} != the prompt's "
+                     f"{tuple(shape)}")
   cfg = model.config
   if stop_tokens is None:
     stop_tokens = cfg.stop_token_ids
@@ -189,10 +192,11 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: Array,
     pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
   if apply_fn is None:
     apply_fn = model.apply
-    if _has_nodes(params):
-      apply_fn = _lifted_apply(model)
+    if any(is_node(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_node)):
+      apply_fn = lifted_apply(model)
   greedy = temperature == 0
-  return _generate(params, input_ids, attention_mask, None if greedy else key, prefix,
+  return _generate(params, input_ids, inputs_embeds, attention_mask, None if greedy else key,
+                   prefix,
                    jnp.float32(temperature), jnp.float32(top_p), apply_fn=apply_fn, config=cfg,
                    max_new_tokens=int(max_new_tokens), greedy=greedy, nucleus=top_p < 1.0,
                    top_k=int(top_k), stop_tokens=stop_tokens, pad_token_id=int(pad_token_id),

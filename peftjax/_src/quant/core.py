@@ -86,6 +86,8 @@ class QuantizedWeight(Node):
   dtype_name: str = static_field(default="float32")
   kernel: str = static_field(default="auto")
 
+  type_id = "quantized"
+  execution_fields = ("kernel",)
   trainable_fields = ()
   wrappable = True
 

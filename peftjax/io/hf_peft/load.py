@@ -1,28 +1,9 @@
-"""Hugging Face PEFT adapters, both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Reading Hugging Face PEFT adapters: :func:`read_hf_peft` (raw) and :func:`load_hf_peft` (a tree).
 
-:func:`load_hf_peft` puts an adapter saved by HF PEFT (PyTorch) onto a peftjax parameter tree (the
-base from :func:`peftjax.io.from_pretrained`): LoRA becomes ``LoraWeight`` nodes, IA3
-``IA3Weight`` nodes, prompt tuning ``{"params": ..., "prompt": SoftPrompt}`` and prefix tuning
-``{"params": ..., "prefix": Prefix}`` -- the trees ``peftjax.lora/ia3/prompt/prefix`` build.
-:func:`save_hf_peft` writes such a tree as a directory that ``peft.PeftModel.from_pretrained``
-loads. :func:`read_hf_peft` returns the raw config and tensors of any adapter.
-
-Names. HF keys are ``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and
-``...lora_B.weight`` (``[out, r]``), transposed relative to peftjax's ``a [*in, r]`` and
-``b [r, *out]``; embeddings use ``lora_embedding_A [r, vocab]`` / ``lora_embedding_B [dim, r]``;
-IA3 vectors are ``<module>.ia3_l`` (``[out, 1]``, or ``[1, in]`` for ``feedforward_modules``).
-``<module>`` comes from the peftjax module path by an explicit table per model family
-(:func:`hf_module_name`):
-
-* ``"llama"``: ``layers_3/self_attn/q_proj`` -> ``model.layers.3.self_attn.q_proj``,
-  ``lm_head`` -> ``lm_head``, anything else ``x/y`` -> ``model.x.y``;
-* ``"bert"``: ``layers_3/attention/self/query`` -> ``{p}encoder.layer.3.attention.self.query``,
-  ``classifier/...`` -> ``classifier...``, anything else ``x/y`` -> ``{p}x.y`` where ``{p}`` is the
-  base prefix (``""`` for ``BertModel``, ``bert.``/``roberta.`` under a task head);
-* ``"generic"``: ``/`` -> ``.`` and Flax's ``name_3`` -> ``name.3``.
-
-Layer-stacked trees (``nn.scan``: one ``layers`` subtree whose leaves have a leading layer axis)
-map ``layers.N`` to slice ``N``.
+:func:`read_hf_peft` returns the config and tensors of any adapter as stored
+(:class:`HfPeftAdapter`); :func:`load_hf_peft` puts a LoRA, IA3, prompt- or prefix-tuning adapter
+onto a peftjax parameter tree; :func:`prompt_tuning_from_hf` and :func:`prefix_tuning_from_hf`
+give the arrays of the last two.
 
 Config. ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` (matched as HF PEFT does:
 ``re.match(rf"(.*\\.)?({key})$", module)``), ``use_rslora``, ``lora_dropout``, ``target_modules``
@@ -34,8 +15,7 @@ are kept in :attr:`HfPeftAdapter.config` (listed in ``unknown``) and warned abou
 Shapes are strict, and every missing, extra or misshapen tensor is a ``ValueError`` naming the key.
 
 Safety: only JSON and safetensors are read (never pickle: a directory holding only
-``adapter_model.bin`` is refused); adapter names are single path components checked by
-:func:`safe_name`, so no name can read or write outside the given directory.
+``adapter_model.bin`` is refused).
 """
 
 from __future__ import annotations
@@ -46,10 +26,9 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,27 +36,20 @@ import numpy as np
 
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node
-from peftjax.io.hf import SafetensorsFile, write_safetensors
-from peftjax.lora import STACKED_PATH, LoraWeight, default_layout
+from peftjax._src.tuned import Tuned, as_tuned
+from peftjax.io.hf_peft.names import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILIES, KEY_PREFIX,
+                                      SUPPORTED_METHODS, _hf_params, _is_feedforward,
+                                      _num_layers, _pattern_key, _Site, _sites, _targeted,
+                                      _under_modules_to_save, detect_family, safe_join)
+from peftjax.io.safetensors import SafetensorsFile
+from peftjax.lora import LoraWeight
 
-__all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX", "FAMILIES", "HfPeftAdapter",
-    "SUPPORTED_METHODS", "safe_name", "safe_join", "hf_module_name", "detect_family",
-    "read_hf_peft", "load_hf_peft", "save_hf_peft", "prompt_tuning_from_hf",
-    "prefix_tuning_from_hf",
-]
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: Every key of a saved HF PEFT LoRA/IA3 adapter starts with this.
-KEY_PREFIX = "base_model.model."
-FAMILIES = ("llama", "bert", "generic")
+__all__ = ["HfPeftAdapter", "read_hf_peft", "load_hf_peft", "prompt_tuning_from_hf",
+           "prefix_tuning_from_hf"]
 
 _PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth",
                    "adapter_model.ckpt", "pytorch_model.bin")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
-_LAYER_COMP = re.compile(r"layers_(\d+)")
-_INDEXED = re.compile(r"(.+)_(\d+)")
+
 
 # Config fields HF PEFT writes (0.13 .. 0.21) for the methods read here. Anything else is unknown:
 # kept and warned about.
@@ -114,216 +86,6 @@ _UNSUPPORTED_LORA = {
     "monteclora_config": lambda v: v is not None,
     "velora_config": lambda v: v is not None,
 }
-
-
-# ================================================================================================
-# names and paths
-# ================================================================================================
-
-def safe_name(name: str, what: str = "adapter name") -> str:
-  """Checks that ``name`` is one harmless path component (letters, digits, ``_ . -``).
-
-  Args:
-    name: an adapter name (becomes a subdirectory).
-    what: how to call it in the error.
-
-  Returns:
-    ``name``.
-
-  Raises:
-    ValueError: for separators, ``..``, a leading dot or dash, an empty or over-long name.
-
-  >>> safe_name("my_adapter-v2")
-  'my_adapter-v2'
-  >>> safe_name("../evil")
-  Traceback (most recent call last):
-  ...
-  ValueError: adapter name '../evil' is not allowed: ...
-  """
-  if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-    raise ValueError(f"{what} {name!r} is not allowed: use 1-128 letters, digits, '_', '.' or "
-                     "'-', starting with a letter or digit (no path separators, no '..')")
-  return name
-
-
-def safe_join(directory: str | os.PathLike, name: Optional[str],
-              what: str = "adapter name") -> Path:
-  """``directory / name`` after :func:`safe_name`, checked to stay inside ``directory``.
-
-  ``name=None`` returns ``directory`` itself.
-
-  >>> str(safe_join("/tmp/out", "lora1"))
-  '/tmp/out/lora1'
-  """
-  directory = Path(directory)
-  if name is None:
-    return directory
-  out = directory / safe_name(name, what)
-  base = directory.resolve()
-  if not out.resolve().is_relative_to(base):  # e.g. a symlink planted inside the directory
-    raise ValueError(f"{what} {name!r} resolves to {out.resolve()}, outside {base}")
-  return out
-
-
-def _unwrap(tree):
-  """``{"params": inner}`` -> ``(inner, rewrap)``; other trees pass through."""
-  if isinstance(tree, Mapping) and len(tree) == 1 and "params" in tree:
-    return tree["params"], (lambda t: type(tree)({"params": t}) if isinstance(tree, dict)
-                            else {"params": t})
-  return tree, (lambda t: t)
-
-
-def detect_family(params) -> str:
-  """``"llama"``, ``"bert"`` or ``"generic"`` from the top-level names of a parameter tree.
-
-  >>> detect_family({"embed_tokens": {}, "layers_0": {"self_attn": {}}})
-  'llama'
-  >>> detect_family({"params": {"embeddings": {"word_embeddings": {}}}})
-  'bert'
-  >>> detect_family({"dense": {}})
-  'generic'
-  """
-  params, _ = _unwrap(params)
-  if not isinstance(params, Mapping):
-    return "generic"
-  for k, v in params.items():
-    if (k == "layers" or _LAYER_COMP.fullmatch(str(k))) and isinstance(v, Mapping):
-      if "self_attn" in v:
-        return "llama"
-      if "attention" in v:
-        return "bert"
-  if "embed_tokens" in params:
-    return "llama"
-  if isinstance(params.get("embeddings"), Mapping) and "word_embeddings" in params["embeddings"]:
-    return "bert"
-  return "generic"
-
-
-def hf_module_name(path: str | Sequence[str], family: str = "generic", layer: Optional[int] = None,
-                   hf_prefix: str = "") -> str:
-  """The Hugging Face module name of a peftjax module path (without ``base_model.model.``).
-
-  Args:
-    path: module path relative to the parameter root, ``"layers_0/self_attn/q_proj"`` (a trailing
-      ``kernel``/``embedding``/... leaf name is not part of it).
-    family: ``"llama"``, ``"bert"`` or ``"generic"`` (see the module docstring).
-    layer: for a layer-stacked path (``layers/...``), the layer index ``N`` (slice ``N``).
-    hf_prefix: BERT base prefix (``""``, ``"bert."``, ``"roberta."``).
-
-  Returns:
-    e.g. ``"model.layers.0.self_attn.q_proj"``.
-
-  Raises:
-    ValueError: for an unknown family, or a stacked path without ``layer``.
-
-  >>> hf_module_name("layers_2/mlp/down_proj", "llama")
-  'model.layers.2.mlp.down_proj'
-  >>> hf_module_name("layers/self_attn/q_proj", "llama", layer=5)
-  'model.layers.5.self_attn.q_proj'
-  >>> hf_module_name("layers_1/attention/self/query", "bert", hf_prefix="bert.")
-  'bert.encoder.layer.1.attention.self.query'
-  >>> hf_module_name("blocks_0/attn/q", "generic")
-  'blocks.0.attn.q'
-  """
-  comps = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
-  if family not in FAMILIES:
-    raise ValueError(f"unknown model family {family!r}; use one of {FAMILIES}")
-  if not comps:
-    raise ValueError("empty module path")
-
-  def stacked_error():
-    return ValueError(f"{'/'.join(comps)} is layer-stacked; pass layer=N for slice N")
-
-  if family in ("llama", "bert"):
-    first, rest = comps[0], list(comps[1:])
-    layers = "model.layers" if family == "llama" else f"{hf_prefix}encoder.layer"
-    m = _LAYER_COMP.fullmatch(first)
-    if m:
-      return ".".join([layers, m.group(1)] + rest)
-    if first == "layers":
-      if layer is None:
-        raise stacked_error()
-      return ".".join([layers, str(layer)] + rest)
-    if family == "llama":
-      return ".".join(comps) if first == "lm_head" else "model." + ".".join(comps)
-    return ".".join(comps) if first == "classifier" else hf_prefix + ".".join(comps)
-  # generic
-  out, stacked_done = [], False
-  for c in comps:
-    m = _INDEXED.fullmatch(c)
-    if m:
-      out += [m.group(1), m.group(2)]
-    elif not stacked_done and STACKED_PATH.fullmatch(c):
-      if layer is None:
-        raise stacked_error()
-      out += [c, str(layer)]
-      stacked_done = True
-    else:
-      out.append(c)
-  return ".".join(out)
-
-
-def _is_stacked(family: str, comps: Sequence[str]) -> bool:
-  if family in ("llama", "bert"):
-    return bool(comps) and comps[0] == "layers"
-  return any(STACKED_PATH.fullmatch(c) and not _INDEXED.fullmatch(c) for c in comps)
-
-
-class _Site(NamedTuple):
-  """A kernel or embedding of the tree that LoRA may sit on."""
-  path: str            # leaf path relative to the root, ".../kernel"
-  leaf: Any            # array (or node)
-  n_batch: int
-  n_in: int
-  modules: tuple       # HF module name per layer (one entry if not stacked)
-  embedding: bool
-
-
-def _leaf_kind(name: str) -> Optional[str]:
-  return {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}.get(name)
-
-
-def _sites(params, family: str, hf_prefix: str) -> list[_Site]:
-  sites = []
-  for path, leaf in targeting.leaves_with_paths(params):
-    comps = path.split("/")
-    if comps[-1] not in ("kernel", "embedding"):
-      continue
-    if is_node(leaf) and hasattr(leaf, "n_batch") and hasattr(leaf, "n_in"):  # LoRA, IA3
-      n_batch, n_in = leaf.n_batch, leaf.n_in
-    elif targeting.is_kernel_like(leaf):
-      if comps[-1] == "embedding":
-        n_batch, n_in = 0, 1
-      elif _is_stacked(family, comps[:-1]):
-        n_batch, n_in = default_layout(path, tuple(leaf.shape))
-      else:
-        n_batch, n_in = default_layout(comps[-1], tuple(leaf.shape))
-    else:
-      continue
-    if n_batch > 1:
-      continue
-    if n_batch:
-      mods = tuple(hf_module_name(comps[:-1], family, i, hf_prefix) for i in range(leaf.shape[0]))
-    else:
-      mods = (hf_module_name(comps[:-1], family, None, hf_prefix),)
-    sites.append(_Site(path, leaf, n_batch, n_in, mods, comps[-1] == "embedding"))
-  return sites
-
-
-def _hf_params(params, family: str, hf_prefix: str) -> dict:
-  """Every array leaf's HF parameter name -> (leaf path, layer or None, leaf name)."""
-  out = {}
-  for path, leaf in targeting.leaves_with_paths(params):
-    comps = path.split("/")
-    kind = _leaf_kind(comps[-1])
-    if kind is None or not targeting.is_array(leaf) or len(comps) < 2:
-      continue
-    stacked = _is_stacked(family, comps[:-1])
-    layers = range(leaf.shape[0]) if stacked and leaf.ndim >= 1 else [None]
-    for i in layers:
-      name = hf_module_name(comps[:-1], family, i, hf_prefix) + "." + kind
-      out[name] = (path, i, comps[-1])
-  return out
 
 
 # ================================================================================================
@@ -422,53 +184,9 @@ def read_hf_peft(path: str | os.PathLike, *, adapter_name: Optional[str] = None,
   return HfPeftAdapter(directory, peft_type, cfg, tensors, unknown)
 
 
-# -- matching as HF PEFT does --------------------------------------------------------------------
-
-def _pattern_key(pattern_keys: Iterable[str], module: str) -> Optional[str]:
-  for key in pattern_keys:
-    if re.match(rf"(.*\.)?({key})$", module):
-      return key
-  return None
-
-
-def _matches(spec, module: str) -> bool:
-  if spec is None:
-    return False
-  if isinstance(spec, str):
-    return re.fullmatch(spec, module) is not None
-  return module in spec or any(module.endswith("." + t) for t in spec)
-
-
-def _layer_index(module: str, layers_pattern) -> Optional[int]:
-  if layers_pattern is None:
-    m = re.match(r".*\.[^.]*\.(\d+)\.", module)
-    return int(m.group(1)) if m else None
-  pats = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-  for p in pats:
-    m = re.match(rf".*\.{p}\.(\d+)\.", module)
-    if m:
-      return int(m.group(1))
-  return None
-
-
-_NOT_ALL_LINEAR = re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls)(\.|$)")
-
-
-def _targeted(cfg: dict, site: _Site, module: str) -> bool:
-  target = cfg.get("target_modules")
-  if isinstance(target, str) and target.lower() == "all-linear":
-    hit = not site.embedding and not _NOT_ALL_LINEAR.search(module)
-  else:
-    hit = _matches(target, module)
-  if not hit or _matches(cfg.get("exclude_modules"), module):
-    return False
-  ltt = cfg.get("layers_to_transform")
-  if ltt is not None:
-    idx = _layer_index(module, cfg.get("layers_pattern"))
-    wanted = {ltt} if isinstance(ltt, int) else set(ltt)
-    return idx is not None and idx in wanted
-  return True
-
+# ================================================================================================
+# loading onto a parameter tree
+# ================================================================================================
 
 def _check_lora_config(cfg: dict, cfg_path: Path):
   for field, bad in _UNSUPPORTED_LORA.items():
@@ -529,9 +247,6 @@ def _detect_bert_prefix(keys: Iterable[str]) -> str:
   return "bert."
 
 
-#: ``peft_type`` values :func:`load_hf_peft` and :func:`save_hf_peft` handle.
-SUPPORTED_METHODS = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")
-
 _LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_\-]+)?\.weight|"
                        r"(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_\-]+)?")
 _IA3_KEY = re.compile(r"(.+)\.(ia3_l)(?:\.[A-Za-z0-9_\-]+)?")
@@ -544,7 +259,8 @@ def load_hf_peft(path: str | os.PathLike, params, *, method: Optional[str] = Non
 
   Args:
     path: adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
-    params: the base parameter tree (``params`` or ``{"params": params}``), e.g. from
+    params: the base parameter tree, in any shape :func:`peftjax.as_tuned` accepts (``params``,
+      ``{"params": params}``, a :class:`peftjax.Tuned`), e.g. from
       :func:`peftjax.io.from_pretrained` of the model the adapter was trained on; per-layer
       (``layers_N``) or layer-stacked (``layers`` with a leading ``[L]`` axis).
     method: the ``peft_type`` expected (``"LORA"``, ...); default: any of
@@ -558,12 +274,13 @@ def load_hf_peft(path: str | os.PathLike, params, *, method: Optional[str] = Non
   Returns:
     * LoRA: ``params`` with every adapted kernel a :class:`~peftjax.lora.LoraWeight` (``a [*in,
       r]`` = ``lora_A.T``, ``b [r, *out]`` = ``lora_B.T``, ``scale`` = ``alpha/r``, or
-      ``alpha/sqrt(r)`` with rsLoRA, ``dropout`` = ``lora_dropout``);
-    * IA3: ``params`` with :class:`~peftjax.ia3.IA3Weight` nodes (``side="in"`` for
+      ``alpha/sqrt(r)`` with rsLoRA, ``dropout`` = ``lora_dropout``), in the shape given (a plain
+      tree, ``{"params": ...}`` or a :class:`~peftjax.Tuned`);
+    * IA3: the same with :class:`~peftjax.ia3.IA3Weight` nodes (``side="in"`` for
       ``feedforward_modules``, else ``"out"``);
-    * prompt tuning: ``{"params": params, "prompt": SoftPrompt}`` (as ``peftjax.prompt.apply``);
-    * prefix tuning: ``{"params": params, "prefix": Prefix}`` (as ``peftjax.prefix.apply``; HF
-      shifts the real tokens' positions by the number of virtual tokens: pass
+    * prompt tuning: ``Tuned(params, prompt=SoftPrompt)`` (as ``peftjax.prompt.apply``);
+    * prefix tuning: ``Tuned(params, prefix=Prefix)`` (as ``peftjax.prefix.apply``; HF shifts
+      the real tokens' positions by the number of virtual tokens: pass
       ``position_ids = arange(T) + n_virtual`` to reproduce its outputs).
 
     ``modules_to_save`` tensors replace their base weights (as plain, frozen arrays).
@@ -571,8 +288,8 @@ def load_hf_peft(path: str | os.PathLike, params, *, method: Optional[str] = Non
   Raises:
     ValueError: another or an unsupported method, unsupported LoRA features, missing keys (a
       module the config targets without tensors), extra keys, mismatched shapes, a stacked kernel
-      whose layers have different ranks or scales, a kernel that already has an adapter; each
-      names the key.
+      whose layers have different ranks or scales, a kernel that already has an adapter (a tree
+      that already has the prompt or prefix); each names the key.
 
   Example (files, so not run here)::
 
@@ -587,9 +304,14 @@ def load_hf_peft(path: str | os.PathLike, params, *, method: Optional[str] = Non
   if pt not in SUPPORTED_METHODS:
     raise ValueError(f"{cfg_path}: peft_type {pt!r} is not supported; supported: "
                      f"{', '.join(SUPPORTED_METHODS)}")
-  inner, rewrap = _unwrap(params)
+  tuned = as_tuned(params)
+  inner = tuned.params
   if pt in ("PROMPT_TUNING", "PREFIX_TUNING"):
-    return _load_prompt(adapter, inner, family, dtype)
+    slot, node = _load_prompt(adapter, inner, dtype)
+    if getattr(tuned, slot) is not None:
+      raise ValueError(f"{cfg_path}: the tree already has a {slot}; load the {pt} adapter onto "
+                       "the base parameters")
+    return tuned.replace(**{slot: node})
   family = family or detect_family(inner)
   if family not in FAMILIES:
     raise ValueError(f"unknown model family {family!r}; use one of {FAMILIES}")
@@ -606,7 +328,18 @@ def load_hf_peft(path: str | os.PathLike, params, *, method: Optional[str] = Non
     found, rest = _classify(adapter, _IA3_KEY)
     new = _modules_to_save(adapter, inner, family, hf_prefix, rest, set(found))
     new.update(_ia3_nodes(adapter, inner, sites, found, new, family, dtype))
-  return rewrap(targeting.map_selected(lambda p, leaf: new[p], inner, set(new)))
+  return _with_params(params, tuned, targeting.map_selected(lambda p, leaf: new[p], inner,
+                                                             set(new)))
+
+
+def _with_params(given, tuned: Tuned, params):
+  """``given`` (a plain tree, a ``{"params": ...}`` dict or a Tuned) with ``params`` inside."""
+  if isinstance(given, Tuned):
+    return tuned.replace(params=params)
+  if tuned.params is given:
+    return params
+  return type(given)({**given, "params": params}) if isinstance(given, dict) else \
+      {**given, "params": params}
 
 
 def _classify(adapter: HfPeftAdapter, pattern) -> tuple[dict, list]:
@@ -788,15 +521,6 @@ def _check_ia3_config(cfg: dict, cfg_path: Path):
         raise ValueError(f"{cfg_path}: {field} is not a valid regular expression: {e}") from None
 
 
-def _is_feedforward(cfg: dict, module: str) -> bool:
-  ff = cfg.get("feedforward_modules")
-  if ff is None:
-    return False
-  if isinstance(ff, str):
-    return re.fullmatch(ff, module) is not None
-  return any(module.endswith(t) for t in ff)  # HF PEFT's own test
-
-
 def _ia3_nodes(adapter, inner, sites, found, replaced, family, dtype) -> dict:
   from peftjax.ia3 import IA3Weight
   cfg, where = adapter.config, adapter.weights_path
@@ -844,30 +568,21 @@ def _find_leaf(inner, suffixes: Sequence[str]):
   return None, None
 
 
-def _num_layers(inner) -> Optional[int]:
-  if not isinstance(inner, Mapping):
-    return None
-  n = sum(1 for k in inner if _LAYER_COMP.fullmatch(str(k)))
-  if n:
-    return n
-  if isinstance(inner.get("layers"), Mapping):
-    leaves = jax.tree_util.tree_leaves(inner["layers"], is_leaf=is_node)
-    return int(leaves[0].shape[0]) if leaves else None
-  return None
-
-
-def _load_prompt(adapter: HfPeftAdapter, inner, family, dtype) -> dict:
-  from peftjax._src.additive import Prefix, SoftPrompt
+def _load_prompt(adapter: HfPeftAdapter, inner, dtype) -> tuple[str, Any]:
+  """``("prompt", SoftPrompt)`` or ``("prefix", Prefix)``: the slot and node of the adapter."""
+  from peftjax._src.additive import Prefix, SoftPrompt, find_embedding
   where = adapter.config_path
   if adapter.peft_type == "PROMPT_TUNING":
     tokens = prompt_tuning_from_hf(adapter)
-    p, table = _find_leaf(inner, ("embed_tokens/embedding", "word_embeddings/embedding",
-                                  "embed/embedding", "wte/embedding"))
+    try:
+      p, table = find_embedding(inner)
+    except ValueError:  # no table where prompt tuning looks: nothing to check against
+      p, table = None, None
     if table is not None and tuple(table.shape[-1:]) != (tokens.shape[1],):
       raise ValueError(f"{where}: token_dim {tokens.shape[1]} does not match the model's "
                        f"embedding width {table.shape[-1]} ({p})")
     dt = jnp.dtype(dtype) if dtype is not None else tokens.dtype
-    return {"params": inner, "prompt": SoftPrompt(tokens=jnp.asarray(tokens, dt))}
+    return "prompt", SoftPrompt(tokens=jnp.asarray(tokens, dt))
   kv = prefix_tuning_from_hf(adapter)
   n = _num_layers(inner)
   if n is not None and n != kv.shape[0]:
@@ -877,286 +592,7 @@ def _load_prompt(adapter: HfPeftAdapter, inner, family, dtype) -> dict:
     raise ValueError(f"{where}: token_dim {kv.shape[3] * kv.shape[4]} does not match the model's "
                      f"key width {k_proj.shape[-1]}")
   dt = jnp.dtype(dtype) if dtype is not None else kv.dtype
-  return {"params": inner, "prefix": Prefix(kv=jnp.asarray(kv, dt))}
-
-
-def _under_modules_to_save(mts, module: str) -> bool:
-  """Whether ``module`` or one of its parents is selected by ``modules_to_save``."""
-  if not mts:
-    return False
-  mts = [mts] if isinstance(mts, str) else list(mts)
-  parts = module.split(".")
-  return any(_matches(mts, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
-
-
-# ================================================================================================
-# writing
-# ================================================================================================
-
-def _atomic_write(directory: Path, files: Sequence[tuple[str, Any]]):
-  """Writes ``(name, writer)`` pairs: each to a temporary file in ``directory``, then renamed."""
-  directory.mkdir(parents=True, exist_ok=True)
-  tmp = []
-  try:
-    for name, write in files:
-      fd, t = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-      os.close(fd)
-      tmp.append((t, directory / name))
-      write(Path(t))
-    for t, final in tmp:
-      os.replace(t, final)
-  finally:
-    for t, _ in tmp:
-      if os.path.exists(t):
-        os.unlink(t)
-
-
-def _num(x: float):
-  x = float(x)
-  return int(x) if x.is_integer() else x
-
-
-def _target_modules(chosen: set, all_modules: Iterable[str]):
-  """The shortest ``target_modules`` that selects exactly ``chosen`` among ``all_modules``."""
-  all_modules = list(all_modules)
-  names = sorted({m.rsplit(".", 1)[-1] for m in chosen})
-  if {m for m in all_modules if _matches(names, m)} == chosen:
-    return names
-  return "(" + "|".join(re.escape(m) for m in sorted(chosen)) + ")"
-
-
-def _patterns(special: dict, values: dict) -> dict:
-  """``rank_pattern``/``alpha_pattern``: one key per module name (``"down_proj"``) when every
-  adapted module of that name has the same value, else one key per full module name."""
-  out = {}
-  by_leaf = collections.defaultdict(set)
-  for m, v in values.items():
-    by_leaf[m.rsplit(".", 1)[-1]].add(v)
-  for m, v in sorted(special.items()):
-    leaf = m.rsplit(".", 1)[-1]
-    if len(by_leaf[leaf]) == 1:
-      out[leaf] = v
-    else:
-      out[m] = v
-  return out
-
-
-def _method_of(tuned) -> str:
-  """The one HF method whose nodes ``tuned`` holds."""
-  kinds = {}
-  for p, leaf in targeting.leaves_with_paths(tuned):
-    if not is_node(leaf):
-      continue
-    name = type(leaf).__name__
-    kind = {"LoraWeight": "LORA", "IA3Weight": "IA3", "SoftPrompt": "PROMPT_TUNING",
-            "Prefix": "PREFIX_TUNING"}.get(name)
-    if kind is None:
-      if name == "PrefixMLP":
-        raise ValueError(f"{p} is a PrefixMLP (the training-time reparameterization); call "
-                         "peftjax.prefix.finalize first")
-      if type(leaf).trainable_fields and _has_trainable(leaf):
-        raise ValueError(f"{p} is a {name}, which has no Hugging Face PEFT format here "
-                         f"(supported: LoraWeight, IA3Weight, SoftPrompt, Prefix)")
-      continue
-    kinds.setdefault(kind, p)
-  if not kinds:
-    raise ValueError("the tree has no LoraWeight, IA3Weight, SoftPrompt or Prefix node to save")
-  if len(kinds) > 1:
-    where = ", ".join(f"{k} at {p}" for k, p in kinds.items())
-    raise ValueError(f"the tree mixes methods ({where}); an HF PEFT adapter holds one: save each "
-                     "separately")
-  return next(iter(kinds))
-
-
-def _has_trainable(node) -> bool:
-  from peftjax._src.partition import trainable_mask
-  return any(jax.tree_util.tree_leaves(trainable_mask(node)))
-
-
-def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None,
-                 hf_prefix: Optional[str] = None, adapter_name: Optional[str] = None,
-                 task_type: Optional[str] = "auto", base_model_name_or_path: Optional[str] = None,
-                 rslora: bool = False, dtype=None, extra_config: Optional[dict] = None) -> Path:
-  """Writes the adapter of ``tuned`` as a Hugging Face PEFT adapter directory.
-
-  The method follows from the nodes: :class:`~peftjax.lora.LoraWeight` -> ``LORA``,
-  :class:`~peftjax.ia3.IA3Weight` -> ``IA3``, a ``SoftPrompt`` under ``"prompt"`` ->
-  ``PROMPT_TUNING``, a ``Prefix`` under ``"prefix"`` -> ``PREFIX_TUNING``. For LoRA the most
-  common rank and alpha become ``r``/``lora_alpha`` and the others go into
-  ``rank_pattern``/``alpha_pattern`` (keyed by module name, or full module name where layers
-  differ); ``target_modules`` is the list of module names when that selects exactly the adapted
-  modules, else a regex.
-
-  Args:
-    tuned: the tuned tree (``params``, ``{"params": params}``, or ``{"params": ..., "prompt" |
-      "prefix": ...}``; per-layer or layer-stacked).
-    path: output directory (created); files are written to temporaries and renamed.
-    family, hf_prefix: name mapping (see :func:`hf_module_name`); default from the tree
-      (BERT: ``"bert."`` when the tree has a ``classifier``, else ``""``).
-    adapter_name: write to ``path/adapter_name`` (checked with :func:`safe_name`).
-    task_type: HF ``task_type``; ``"auto"``: ``"CAUSAL_LM"`` for Llama, else None.
-    base_model_name_or_path: recorded in the config.
-    rslora: LoRA: record ``use_rslora`` (alpha is then ``scale * sqrt(r)``); either way HF PEFT
-      recomputes exactly each node's ``scale``.
-    dtype: dtype of the saved tensors (default: the adapters').
-    extra_config: more config fields (e.g. :attr:`HfPeftAdapter.config` fields to carry over);
-      the computed ones win.
-
-  Returns:
-    The adapter directory.
-
-  Raises:
-    ValueError: no adapter nodes, several methods in one tree, a node type without an HF format,
-      LoRA/IA3 on a leaf that maps to no HF module, a bad adapter name.
-
-  Example (files, so not run here)::
-
-    save_hf_peft(tuned, "out/")     # then in PyTorch:
-    # peft.PeftModel.from_pretrained(transformers_model, "out/")
-  """
-  directory = safe_join(path, adapter_name)
-  method = _method_of(tuned)
-  prompt_slot = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}.get(method)
-  if prompt_slot is not None:
-    if not (isinstance(tuned, Mapping) and prompt_slot in tuned and "params" in tuned):
-      raise ValueError(f"{method}: expected the tree {{'params': ..., '{prompt_slot}': ...}} of "
-                       f"peftjax.{prompt_slot}.apply")
-    inner = tuned["params"]
-  else:
-    inner, _ = _unwrap(tuned)
-  family = family or detect_family(inner)
-  if family not in FAMILIES:
-    raise ValueError(f"unknown model family {family!r}; use one of {FAMILIES}")
-  if hf_prefix is None:
-    hf_prefix = ("bert." if isinstance(inner, Mapping) and "classifier" in inner else "") \
-        if family == "bert" else ""
-  if task_type == "auto":
-    task_type = "CAUSAL_LM" if family == "llama" else None
-  common = {"task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-            "revision": None, "inference_mode": True, "modules_to_save": None}
-  cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
-  if method == "PROMPT_TUNING":
-    config, tensors = _prompt_config(cast(jax.device_get(tuned["prompt"].tokens)),
-                                     _num_layers(inner), None)
-  elif method == "PREFIX_TUNING":
-    config, tensors = _prefix_config(cast(jax.device_get(tuned["prefix"].kv)))
-  else:
-    sites = _sites(inner, family, hf_prefix)
-    if method == "LORA":
-      node_type = LoraWeight
-    else:
-      from peftjax.ia3 import IA3Weight as node_type
-    adapted = [s for s in sites if isinstance(s.leaf, node_type)]
-    stray = [p for p, leaf in targeting.leaves_with_paths(inner)
-             if isinstance(leaf, node_type) and p not in {s.path for s in adapted}]
-    if stray:
-      raise ValueError(f"{node_type.__name__} on {stray[0]} cannot be written in Hugging "
-                       "Face PEFT format (only 'kernel'/'embedding' leaves with at most one "
-                       "leading layer axis map to HF modules)")
-    all_modules = {m for s in sites if not s.embedding for m in s.modules}
-    if method == "LORA":
-      config, tensors = _lora_config(adapted, all_modules, rslora, cast)
-    else:
-      config, tensors = _ia3_config(adapted, all_modules, cast)
-  config.update(common)
-  for k, v in (extra_config or {}).items():  # computed fields always win
-    if k not in config or (config[k] is None and k in ("base_model_name_or_path", "revision")):
-      config[k] = v
-  _write_adapter(directory, config, tensors)
-  return directory
-
-
-def _lora_config(adapted, all_modules: set, rslora: bool, cast) -> tuple[dict, list]:
-  tensors, ranks, alphas, dropouts = [], {}, {}, collections.Counter()
-  for s in adapted:
-    node: LoraWeight = s.leaf
-    r = node.rank
-    alpha = node.scale * (math.sqrt(r) if rslora else r)
-    a, b = np.asarray(jax.device_get(node.a)), np.asarray(jax.device_get(node.b))
-    nb = node.n_batch
-    fan_in = math.prod(a.shape[nb:nb + node.n_in])
-    for i, m in enumerate(s.modules):
-      A = cast((a[i] if nb else a).reshape(fan_in, r).T)
-      B = cast((b[i] if nb else b).reshape(r, -1).T)
-      names = ("lora_embedding_A", "lora_embedding_B") if s.embedding else ("lora_A.weight",
-                                                                             "lora_B.weight")
-      tensors += [(f"{KEY_PREFIX}{m}.{names[0]}", A), (f"{KEY_PREFIX}{m}.{names[1]}", B)]
-      ranks[m], alphas[m] = r, alpha
-      dropouts[node.dropout] += 1
-  r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
-  alpha0 = collections.Counter(round(v, 9) for v in alphas.values()).most_common(1)[0][0]
-  rank_pattern = _patterns({m: r for m, r in ranks.items() if r != r0}, ranks)
-  alpha_pattern = _patterns({m: _num(a) for m, a in alphas.items()
-                             if not math.isclose(a, alpha0, rel_tol=1e-12)},
-                            {m: _num(a) for m, a in alphas.items()})
-  if len(dropouts) > 1:
-    warnings.warn(f"LoRA nodes have different dropout rates {sorted(dropouts)}; HF PEFT has one "
-                  f"lora_dropout: writing the most common", stacklevel=3)
-  config = {
-      "peft_type": "LORA", "r": r0, "lora_alpha": _num(alpha0),
-      "target_modules": _target_modules(set(ranks), all_modules | set(ranks)),
-      "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": bool(rslora),
-      "lora_dropout": float(dropouts.most_common(1)[0][0]), "bias": "none",
-      "fan_in_fan_out": False, "init_lora_weights": True, "layers_to_transform": None,
-      "layers_pattern": None, "use_dora": False}
-  return config, tensors
-
-
-def _ia3_config(adapted, all_modules: set, cast) -> tuple[dict, list]:
-  tensors, chosen, ff = [], set(), set()
-  for s in adapted:
-    node = s.leaf
-    vec = np.asarray(jax.device_get(node.vector))
-    nb = node.n_batch
-    for i, m in enumerate(s.modules):
-      v = (vec[i] if nb else vec).reshape(-1)
-      tensors.append((f"{KEY_PREFIX}{m}.ia3_l", cast(v[None, :] if node.side == "in"
-                                                     else v[:, None])))
-      chosen.add(m)
-      if node.side == "in":
-        ff.add(m)
-  target = _target_modules(chosen, all_modules)
-  ff_names = sorted({m.rsplit(".", 1)[-1] for m in ff})
-  if {m for m in chosen if _is_feedforward({"feedforward_modules": ff_names}, m)} != ff:
-    ff_names = sorted(ff)
-  config = {"peft_type": "IA3", "target_modules": target, "feedforward_modules": ff_names,
-            "fan_in_fan_out": False, "init_ia3_weights": True}
-  return config, tensors
-
-
-def _prompt_config(prompt: np.ndarray, num_layers, num_heads) -> tuple[dict, list]:
-  if prompt.ndim != 2:
-    raise ValueError(f"prompt must be [num_virtual_tokens, hidden], got shape {list(prompt.shape)}")
-  nvt, dim = prompt.shape
-  config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": nvt, "token_dim": dim,
-            "num_transformer_submodules": 1, "num_attention_heads": num_heads,
-            "num_layers": num_layers, "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
-            "tokenizer_kwargs": None}
-  return config, [("prompt_embeddings", prompt)]
-
-
-def _prefix_config(prefix: np.ndarray) -> tuple[dict, list]:
-  if prefix.ndim != 5 or prefix.shape[1] != 2:
-    raise ValueError(f"prefix must be [layers, 2, n_virtual, kv_heads, head_dim], got shape "
-                     f"{list(prefix.shape)}")
-  L, _, nvt, heads, hd = prefix.shape
-  emb = prefix.transpose(2, 0, 1, 3, 4).reshape(nvt, L * 2 * heads * hd)
-  config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": nvt, "token_dim": heads * hd,
-            "num_transformer_submodules": 1, "num_attention_heads": heads, "num_layers": L,
-            "encoder_hidden_size": heads * hd, "prefix_projection": False}
-  return config, [("prompt_embeddings", emb)]
-
-
-def _write_adapter(directory: Path, config: dict, tensors: Sequence[tuple[str, np.ndarray]]):
-  import peftjax
-  meta = {"format": "pt", "peftjax_version": getattr(peftjax, "__version__", "unknown")}
-  entries = [(k, np.asarray(v).dtype, tuple(np.shape(v)), (lambda v=v: v)) for k, v in tensors]
-  config = dict(sorted(config.items()))
-  _atomic_write(directory, [
-      (ADAPTER_WEIGHTS, lambda p: write_safetensors(p, entries, meta)),
-      (ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n")),
-  ])
+  return "prefix", Prefix(kv=jnp.asarray(kv, dt))
 
 
 # ================================================================================================

@@ -8,7 +8,7 @@ optax schedules (warmup + cosine/linear/constant) and global-norm clipping, eval
 steps, a progress bar (loss, tokens/s, ETA), metrics as JSON lines (and TensorBoard scalars when
 ``tensorboardX``, ``torch.utils.tensorboard`` or ``tensorflow`` is installed), checkpoints that
 resume exactly (trainable state, optimizer state, PRNG key, step and the data loader's position,
-through :class:`peftjax.io.checkpoint.TrainCheckpointer`), and sharding over all visible devices:
+through :class:`peftjax.train.checkpoint.TrainCheckpointer`), and sharding over all visible devices:
 data parallel (``sharding="dp"``: the batch split over devices, parameters replicated) or FSDP
 (``"fsdp"``: parameters and optimizer state split by :mod:`peftjax.models.sharding`'s rules too).
 
@@ -297,7 +297,7 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
     on_step: called after every step with the new state and its metrics (host values).
 
   With ``config.checkpoint_dir``, the training state is saved every ``config.save_every`` steps
-  and at the end (:class:`peftjax.io.checkpoint.TrainCheckpointer`: trainable leaves, optimizer
+  and at the end (:class:`peftjax.train.checkpoint.TrainCheckpointer`: trainable leaves, optimizer
   state, PRNG key, step and the data position: ``data.state()`` for the loaders of
   :mod:`peftjax.data`, else the number of batches taken); if the directory already holds a
   checkpoint, training resumes from it (``data.restore(...)``, or skipping that many batches of a
@@ -311,7 +311,7 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
   placement = _placement(config.sharding)
   ckpt = None
   if config.checkpoint_dir:
-    from peftjax.io.checkpoint import TrainCheckpointer
+    from peftjax.train.checkpoint import TrainCheckpointer  # orbax: imported when needed
     ckpt = TrainCheckpointer(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
   try:
     return _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_data, state,
@@ -350,7 +350,7 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
   trainable, frozen = split(_place_params(params, placement))
   if state is None and ckpt is not None and ckpt.latest_step() is not None:
     template = tx.init(trainable)
-    saved = ckpt.restore(params, template)
+    saved = ckpt.restore(params, template)  # a peftjax.train.checkpoint.Checkpoint
     trainable = split(_place_params(saved.params, placement))[0]
     state = TrainState(jnp.asarray(saved.step, jnp.int32), trainable,
                        _like(saved.opt_state, template), saved.rng)
