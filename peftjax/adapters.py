@@ -49,7 +49,7 @@ from peftjax._src import additive
 from peftjax._src import nodes as nodes_lib
 from peftjax._src import targeting
 from peftjax._src.nodes import Node, is_node, node_dataclass, static_field
-from peftjax.lora import default_layout
+from peftjax.lora import checked_layout, default_layout
 from peftjax._src import method as method_lib
 
 __all__ = ["BottleneckAdapter", "apply", "remove", "PLACEMENTS"]
@@ -217,10 +217,7 @@ def apply(params, bottleneck: int = 64, *, placement: str = "houlsby", activatio
 
   def rewrite(path, w):
     shape = tuple(w.shape)
-    n_batch, n_in = layout(path, shape)
-    if not (0 <= n_batch and 1 <= n_in and n_batch + n_in < len(shape)):
-      raise ValueError(f"layout for {path} {list(shape)} gave n_batch={n_batch}, n_in={n_in}; "
-                       f"need n_batch >= 0, n_in >= 1 and at least one output axis")
+    n_batch, n_in = checked_layout(layout, path, shape)
     bshape = shape[:n_batch]
     in_shape, out_shape = shape[n_batch:n_batch + n_in], shape[n_batch + n_in:]
     read = in_shape if parallel else out_shape

@@ -304,6 +304,19 @@ _merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd, symbolic_zeros=Tru
 
 # -- layout -----------------------------------------------------------------------------------
 
+def checked_layout(layout, path: str, shape: tuple[int, ...]) -> tuple[int, int]:
+  """``layout(path, shape)``, checked: ``n_batch >= 0``, ``n_in >= 1`` and an output axis left.
+
+  Raises:
+    ValueError: a layout that does not fit the kernel (naming the path, shape and values).
+  """
+  n_batch, n_in = layout(path, shape)
+  if not (0 <= n_batch and 1 <= n_in and n_batch + n_in < len(shape)):
+    raise ValueError(f"layout for {path} {list(shape)} gave n_batch={n_batch}, n_in={n_in}; "
+                     f"need n_batch >= 0, n_in >= 1 and at least one output axis")
+  return n_batch, n_in
+
+
 def default_layout(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
   """``(n_batch, n_in)`` for a kernel: see the module docstring."""
   ndim = len(shape)
@@ -394,10 +407,7 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
 
   def rewrite(path, w):
     shape = tuple(w.shape)
-    n_batch, n_in = layout(path, shape)
-    if not (0 <= n_batch and 1 <= n_in and n_batch + n_in < len(shape)):
-      raise ValueError(f"layout for {path} {list(shape)} gave n_batch={n_batch}, n_in={n_in}; "
-                       f"need n_batch >= 0, n_in >= 1 and at least one output axis")
+    n_batch, n_in = checked_layout(layout, path, shape)
     bshape = shape[:n_batch]
     in_shape, out_shape = shape[n_batch:n_batch + n_in], shape[n_batch + n_in:]
     fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
