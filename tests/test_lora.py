@@ -104,7 +104,7 @@ def test_dropout_is_keyed_and_off_without_key(variables):
   tok = jnp.arange(8)[None] % 64
   f = peftjax.lift(m.apply)
   ref = m.apply(peftjax.merge(tuned), tok)
-  np.testing.assert_allclose(f(tuned, tok), ref, atol=1e-5)  # no key: evaluation mode
+  np.testing.assert_allclose(f(tuned, tok), ref, rtol=2e-5, atol=2e-5)  # no key: evaluation mode
   k1 = peftjax.lora.set_dropout_key(tuned, jax.random.key(1))
   k1b = peftjax.lora.set_dropout_key(tuned, jax.random.key(1))
   k2 = peftjax.lora.set_dropout_key(tuned, jax.random.key(2))
@@ -115,7 +115,7 @@ def test_dropout_is_keyed_and_off_without_key(variables):
   mask = peftjax.trainable_mask(k1)["params"]["layers_0"]["up_proj"]["kernel"]
   assert mask.dropout_key is False or not np.any(mask.dropout_key)
   back = peftjax.lora.set_dropout_key(k1, None)
-  np.testing.assert_allclose(f(back, tok), ref, atol=1e-5)
+  np.testing.assert_allclose(f(back, tok), ref, rtol=2e-5, atol=2e-5)
 
 
 def test_unmerge_round_trip(variables):

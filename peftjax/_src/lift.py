@@ -26,11 +26,11 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
+from peftjax._src import jax_compat
 from peftjax._src import nodes as nodes_lib
 from peftjax._src.nodes import is_node
 
@@ -81,8 +81,7 @@ def eval_jaxpr(closed_jaxpr, args, *, keep_nodes: bool = False) -> list:
     env.write(v, a)
   for eqn in jaxpr.eqns:
     invals = [env.read(v) for v in eqn.invars]
-    name_stack = jax._src.source_info_util.current_name_stack() + eqn.source_info.name_stack
-    with jax._src.source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+    with jax_compat.source_context(eqn):
       if any(is_node(x) for x in invals):
         rule = _RULES.get(eqn.primitive.name, _materialize_rule)
         outvals = rule(eqn, invals, env)
@@ -128,7 +127,7 @@ def _call_interpreted(closed_jaxpr, leading_consts=()):
 
 def _scan_rule(eqn, invals, env):
   p = eqn.params
-  nc, ncarry = p["num_consts"], p["num_carry"]
+  nc, ncarry = jax_compat.scan_counts(p)
   consts, carry, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
   carry = [env.materialize(c) for c in carry]  # the carry's type must be stable: plain arrays
   xs = [env.materialize(x) if is_node(x) and not type(x).scan_slices_leaves else x for x in xs]
