@@ -63,7 +63,8 @@ def test_generate_from_the_wheel(installed):
 def test_train_from_the_wheel(installed):
   tmp, peftjax_cmd, env = installed
   proc = _run([peftjax_cmd, "train", "--model", "minilm", "--method", "lora", "--data",
-               "rotten_tomatoes", "--steps", "3", "--batch-size", "4", "--eval-limit", "8", "--seq-len", "32",
+               "rotten_tomatoes", "--steps", "3", "--batch-size", "4", "--eval-limit", "8",
+               "--seq-len", "32",
                "--no-baseline", "--warmup", "0", "--out", tmp / "run"], cwd=tmp, env=env)
   assert re.search(r"^\| lora \+ head +\| 332,546 ", proc.stdout, re.M), proc.stdout
   assert (tmp / "run" / "adapter" / "manifest").exists()
