@@ -281,8 +281,9 @@ def _check_roles(cls, data: list, meta: list):
 def node_types() -> dict[str, type]:
   """Every registered node type: ``{type_id: class}`` (importing peftjax's method modules)."""
   import importlib
-  for mod in ("lora", "qlora", "quant", "adapters", "ia3", "prompt", "prefix", "ptuning",
-              "bitfit", "partial", "diff_pruning"):
+
+  from peftjax._src.method import METHOD_MODULES
+  for mod in (*METHOD_MODULES, "quant"):   # quant: quantized bases outside any method
     importlib.import_module(f"peftjax.{mod}")
   return dict(_NODE_TYPES)
 
