@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -323,7 +324,10 @@ def _read_run(path: str) -> tuple[dict, Path]:
 
 def _restored(run: dict, adapter: Path, params, model):
   from peftjax.io.checkpoint import restore_adapter
-  template, _ = _tune(params, run, model, HEAD_TARGETS)
+  if _method(run).refine is not None:
+    template = params  # the refine stage changed the nodes: rebuild them from the manifest
+  else:
+    template, _ = _tune(params, run, model, HEAD_TARGETS)
   with _user_input():
     return restore_adapter(adapter, template)
 
@@ -388,6 +392,44 @@ _SAME_RUN = ("model", "data", "eval_data", "method", "options", "seed", "seq_len
              "text_column", "label_column")
 
 
+def _train_method(method, run: dict, task, mtask, tuned, cfg):
+  """``train`` with the method's learning-rate multipliers and, when it has one, its refine stage
+  (the first ``steps - n`` steps, the transform, then ``n`` steps on the result without the
+  penalty, checkpointed in ``checkpoints/refine``); the result's metrics are the final tree's."""
+  options = method.option_values(run["options"])
+  if method.lr_scales is not None:
+    cfg = dataclasses.replace(cfg, field_lr_scales=method.lr_scales(options, cfg.learning_rate))
+  report = lambda tree: (method.report is not None and
+                         print(method.report(tree, run["options"]), file=sys.stderr))
+  if method.refine is None:
+    res = train(mtask.loss_fn, tuned, mtask.train_loader, cfg, eval_fn=mtask.eval_fn,
+                eval_data=mtask.eval_batches)
+    report(res.params)
+    return res
+  n = method.refine_steps(cfg.steps, run["options"])
+  first = dataclasses.replace(cfg, steps=cfg.steps - n, warmup_steps=min(cfg.warmup_steps,
+                                                                          cfg.steps - n - 1))
+  res = train(mtask.loss_fn, tuned, mtask.train_loader, first)
+  report(res.params)
+  refined = method.refine[0](res.params, options)
+  if n == 0:
+    metrics = evaluate(mtask.eval_fn, refined, mtask.eval_batches())
+    res = res._replace(params=refined, eval_metrics=metrics)
+  else:
+    rtask = task.adapt(forward=mtask.forward, prepare=method.step_hook)
+    second = dataclasses.replace(
+        cfg, steps=n, warmup_steps=min(cfg.warmup_steps, n - 1),
+        checkpoint_dir=cfg.checkpoint_dir and os.path.join(cfg.checkpoint_dir, "refine"))
+    res2 = train(rtask.loss_fn, refined, mtask.train_loader, second, eval_fn=mtask.eval_fn,
+                 eval_data=mtask.eval_batches)
+    last = res.history[-1] if res.history else {}
+    shift = lambda r: {**r, **{k: r[k] + last[k] for k in ("step", "elapsed_s")
+                               if k in r and k in last}}
+    res = res2._replace(history=res.history + [shift(r) for r in res2.history])
+  report(res.params)
+  return res
+
+
 def cmd_train(a) -> dict:
   run = _run_record(a)
   method = _method(run)
@@ -439,12 +481,9 @@ def cmd_train(a) -> dict:
   tuned, with_head = _tune(task.params, run, task.model, task.head_targets)
   mtask = _adapt(task, run)
   print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
-  res = train(mtask.loss_fn, tuned, mtask.train_loader, cfg, eval_fn=mtask.eval_fn,
-              eval_data=mtask.eval_batches)
+  res = _train_method(method, run, task, mtask, tuned, cfg)
   rows.append(_row(method.name + (" + head" if with_head else ""), res.params,
                    res.eval_metrics, lm, _step_seconds(res.history)))
-  if method.report is not None:
-    print(method.report(res.params, run["options"]), file=sys.stderr)
   table = _table(rows, list(rows[0]))
   print("\n" + table)
   if a.out:

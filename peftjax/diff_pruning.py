@@ -281,17 +281,38 @@ def _penalty(tree, options):
   return options["l0_weight"] * penalty(tree, density=options["density"])
 
 
+def _project(tree, options):
+  return project(tree, density=options["density"])
+
+
+def _gate_lr(options, learning_rate):
+  return {"diff_pruning.log_alpha": options["gate_lr"] / learning_rate}
+
+
 def _report(tree, options):
-  return (f"diff_pruning: open gates {100 * float(open_fraction(tree)):.3f}% "
-          f"(target {100 * options['density']:.3f}%)")
+  if _nodes(tree, DiffPruningWeight):
+    return (f"diff_pruning: open gates {100 * float(open_fraction(tree)):.3f}% "
+            f"(target {100 * options['density']:.3f}%)")
+  kept = count_nonzero(tree)
+  return (f"diff_pruning: the projected difference keeps {kept:,} entries, stored sparsely "
+          f"(target {100 * options['density']:.3f}% of the targeted weights)")
 
 
 METHOD = method_lib.Method(
     name="diff_pruning", apply=apply,
-    description="sparse difference W + z*delta with L0 (hard-concrete) gates pushed to --density",
+    description="sparse difference W + z*delta: L0 (hard-concrete) gates pushed to --density, "
+                "then projected onto that many entries, which train on",
     options=(method_lib.Option("density", 0.005, "target fraction of nonzero entries of the "
                                "difference", type=method_lib.fraction, to_apply=False),
              method_lib.Option("l0_weight", 10.0, "weight of the L0 penalty",
                                type=method_lib.nonneg_float, to_apply=False),
+             method_lib.Option("gate_lr", 0.05, "learning rate of the gate logits (the "
+                               "difference trains at --lr)", type=method_lib.positive_float,
+                               to_apply=False),
+             method_lib.Option("refine_fraction", 0.3, "fraction of the steps that train the "
+                               "projected sparse difference (0: project at the end only)",
+                               type=method_lib.rate, to_apply=False),
              method_lib.TARGETS),
-    step_hook=nodes_lib.set_rng, penalty=_penalty, report=_report, aliases=("diffpruning",))
+    step_hook=nodes_lib.set_rng, penalty=_penalty, report=_report, aliases=("diffpruning",),
+    refine=(_project, lambda options: options["refine_fraction"]), lr_scales=_gate_lr,
+    learning_rate=1e-4)

@@ -110,6 +110,12 @@ class Method(NamedTuple):
       option values by name), or None.
     finalize: ``tree -> tree`` after training (drop a training-time reparameterization), or None.
     report: ``(tree, options) -> str``, a line printed after training, or None.
+    refine: a second training stage, or None: ``(transform, fraction)`` where
+      ``transform(tree, options) -> tree`` is applied after ``1 - fraction(options)`` of the
+      steps and training continues on its result for the rest, without the penalty (DiffPruning:
+      project onto the kept support, then tune the kept values, as Guo et al. do).
+    lr_scales: ``(options, learning_rate) -> {"type_id.field": factor}``, learning-rate
+      multipliers of node fields (``peftjax.optimizer``'s ``field_lr_scales``), or None.
     mergeable: whether the trained tree folds into plain weights (``peftjax.merge`` then a
       merged model directory).
     hf_peft_type: the Hugging Face PEFT ``peft_type`` it exports as, or None.
@@ -127,6 +133,8 @@ class Method(NamedTuple):
   penalty: Optional[Callable] = None
   finalize: Optional[Callable] = None
   report: Optional[Callable] = None
+  refine: Optional[tuple] = None
+  lr_scales: Optional[Callable] = None
   mergeable: bool = True
   hf_peft_type: Optional[str] = None
   learning_rate: float = 1e-3
@@ -188,6 +196,19 @@ class Method(NamedTuple):
       return None
     values = self.option_values(options)
     return lambda tree: self.penalty(tree, values)
+
+
+  def refine_steps(self, steps: int, options: Optional[dict] = None) -> int:
+    """How many of ``steps`` train after :attr:`refine`'s transform (0 without a refine stage).
+
+    At least one step trains on each side of the transform when ``steps >= 2``.
+    """
+    if self.refine is None or steps < 2:
+      return 0
+    frac = float(self.refine[1](self.option_values(options)))
+    if frac <= 0:
+      return 0
+    return min(max(1, round(frac * steps)), steps - 1)
 
 
 #: Options several methods share (one flag each on the command line).

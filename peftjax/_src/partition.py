@@ -107,8 +107,49 @@ class OptimizerState(NamedTuple):
   inner: Any
 
 
-def optimizer(tx: optax.GradientTransformation, tree) -> optax.GradientTransformation:
+def _scale_fields(updates, scales: dict):
+  """``updates`` with each ``"type_id.field"`` of ``scales`` multiplied by its factor."""
+  def f(x):
+    if not is_node(x):
+      return x
+    change = {}
+    for name, s in scales.items():
+      type_id, _, field = name.partition(".")
+      if getattr(type(x), "type_id", None) == type_id and getattr(x, field, None) is not None:
+        change[field] = jax.tree_util.tree_map(lambda u: u * jnp.asarray(s, u.dtype),
+                                               getattr(x, field))
+    return x.replace(**change) if change else x
+  return jax.tree_util.tree_map(f, updates, is_leaf=is_node)
+
+
+def check_field_lr_scales(scales) -> dict:
+  """``scales`` as a dict, checked: ``{"type_id.field": factor > 0}`` naming trainable fields
+  of registered node types."""
+  from peftjax._src.nodes import node_types
+  if scales is None:
+    return {}
+  types = node_types()
+  out = {}
+  for name, s in dict(scales).items():
+    type_id, _, field = str(name).partition(".")
+    cls = types.get(type_id)
+    if cls is None or field not in cls.trainable_fields:
+      known = sorted(f"{t}.{f}" for t, c in types.items() for f in c.trainable_fields)
+      raise ValueError(f"field_lr_scales: {name!r} is not 'type_id.field' of a trainable node "
+                       f"field (e.g. {', '.join(known[:6])}, ...)")
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+      raise ValueError(f"field_lr_scales[{name!r}] must be a positive number, got {s!r}")
+    out[name] = float(s)
+  return out
+
+
+def optimizer(tx: optax.GradientTransformation, tree, *,
+              field_lr_scales: dict | None = None) -> optax.GradientTransformation:
   """Wraps ``tx`` so only the trainable leaves of ``tree`` are updated.
+
+  ``field_lr_scales`` ``{"type_id.field": factor}`` multiplies the updates of one field of one
+  node type (a learning-rate multiplier: DiffPruning's gate logits ``diff_pruning.log_alpha``
+  move ``factor`` times faster than its difference, see :mod:`peftjax.diff_pruning`).
 
   The inner transformation sees (and keeps state for) the trainable leaves only; frozen leaves get
   exactly zero updates (``None`` where the incoming update is ``None``), so
@@ -127,6 +168,7 @@ def optimizer(tx: optax.GradientTransformation, tree) -> optax.GradientTransform
   True
   """
   mask = trainable_mask(tree)
+  scales = check_field_lr_scales(field_lr_scales)
 
   def check(t, what):
     if _structure(t) != _structure(mask):
@@ -142,6 +184,8 @@ def optimizer(tx: optax.GradientTransformation, tree) -> optax.GradientTransform
     tu, fu = split(updates, mask)
     tp = split(params, mask)[0] if params is not None else None
     new_tu, inner = tx.update(tu, state.inner, tp)
+    if scales:
+      new_tu = _scale_fields(new_tu, scales)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, fu)
     return combine(new_tu, zeros), OptimizerState(inner)
 

@@ -64,6 +64,8 @@ class TrainConfig:
   save_every: int = 100              # checkpoint every N steps (and at the last step)
   keep_checkpoints: int = 2
   tensorboard: bool = True           # write scalars to out_dir when a writer is importable
+  # learning-rate multipliers of node fields, {"type_id.field": factor} (peftjax.optimizer)
+  field_lr_scales: Optional[dict] = None
 
   def __post_init__(self):
     for name in ("steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
@@ -101,7 +103,7 @@ def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
   if cfg.max_grad_norm:
     parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
   parts.append(optax.adamw(make_schedule(cfg), weight_decay=cfg.weight_decay))
-  return optimizer(optax.chain(*parts), params)
+  return optimizer(optax.chain(*parts), params, field_lr_scales=cfg.field_lr_scales)
 
 
 class TrainState(NamedTuple):
@@ -330,6 +332,7 @@ _STEPS_MAX = 8
 def _compiled_step(loss_fn, config: TrainConfig, params):
   key = (loss_fn, config.steps, config.learning_rate, config.schedule, config.warmup_steps,
          config.weight_decay, config.max_grad_norm, config.grad_accum,
+         tuple(sorted((config.field_lr_scales or {}).items())),
          jax.tree_util.tree_structure(params))
   try:
     hit = _STEPS.get(key)
