@@ -100,6 +100,7 @@ def _arg_type(convert):
 
 
 _pos_int, _nonneg_int = _arg_type(methods.positive_int), _arg_type(methods.nonneg_int)
+_fraction_arg = _arg_type(methods.fraction)
 _pos_float, _nonneg_float = _arg_type(methods.positive_float), _arg_type(methods.nonneg_float)
 
 
@@ -162,6 +163,11 @@ def _add_data_args(p, *, train: bool):
   p.add_argument("--eval-data", default=None,
                  help="evaluate on this file (default: a seeded 10%% held-out split of --data, or "
                       "the dataset's test split)")
+  if train:
+    p.add_argument("--validation", type=_fraction_arg, default=None, metavar="FRACTION",
+                   help="evaluate on a held-out FRACTION of the training data instead of the "
+                        "test split (choosing hyperparameters; the split does not depend on "
+                        "--seed)")
   p.add_argument("--text-column", default=None, help="text column of a data file "
                                                      "(default: text)")
   p.add_argument("--label-column", default=None, help="label column of a data file "
@@ -268,7 +274,7 @@ def _task_of(run: dict, eval_limit: int):
   return tasks.classification_task(
       run["model"], run["data"], batch_size=run["batch_size"], max_len=run["seq_len"],
       seed=run["seed"], eval_limit=eval_limit or None, eval_data=run.get("eval_data"),
-      compute_dtype=compute_dtype,
+      compute_dtype=compute_dtype, validation=run.get("validation") or 0.0,
       text_column=run["text_column"], label_column=run["label_column"], labels=run.get("labels"))
 
 
@@ -378,7 +384,12 @@ def _run_record(a) -> dict:
   if kind == "lm" and (a.text_column is not None or a.label_column is not None):
     raise _UsageError(f"peftjax {a.cmd}: error: --text-column/--label-column apply to "
                       f"classification data files, not {a.data}")
+  if a.validation is not None and (kind == "lm" or a.eval_data is not None):
+    raise _UsageError(f"peftjax {a.cmd}: error: --validation holds out part of classification "
+                      f"training data; it cannot be used with "
+                      f"{'--eval-data' if a.eval_data is not None else 'language-model data'}")
   return {"model": a.model, "data": a.data, "eval_data": a.eval_data, "kind": kind,
+          "validation": a.validation,
           "method": method.name, "options": _options_given(a, method),
           "seed": 0 if a.seed is None else a.seed,
           "seq_len": a.seq_len or 64,
@@ -388,7 +399,7 @@ def _run_record(a) -> dict:
           "peftjax_version": peftjax.__version__}
 
 
-_SAME_RUN = ("model", "data", "eval_data", "method", "options", "seed", "seq_len", "batch_size",
+_SAME_RUN = ("model", "data", "eval_data", "validation", "method", "options", "seed", "seq_len", "batch_size",
              "text_column", "label_column")
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peftjax import data as data_lib
 from peftjax._src import tuned as tuned_lib
@@ -219,7 +220,8 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
                         eval_limit: Optional[int] = None, scan_layers: bool = False,
                         compute_dtype=None, eval_data: Optional[str] = None,
                         text_column: str = "text", label_column: str = "label",
-                        heldout: float = 0.1, labels: Optional[list] = None) -> Task:
+                        heldout: float = 0.1, labels: Optional[list] = None,
+                        validation: float = 0.0) -> Task:
   """Sentence classification with an encoder and a freshly initialized classification head.
 
   Args:
@@ -235,6 +237,10 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
     text_column, label_column: the columns of the file(s).
     heldout: the held-out fraction of a file.
     labels: class names fixed before (e.g. by a training run), index = class id.
+    validation: if > 0, evaluate on this fraction of the training examples and train on the
+      rest; the test split is not used (for choosing hyperparameters). The carving does not
+      depend on ``seed`` (with rotten_tomatoes every seed sees the same validation set; a file's
+      training part itself depends on ``seed``).
 
   Raises:
     FileNotFoundError: a missing file.
@@ -246,6 +252,10 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
       heldout=heldout, seed=seed, labels=labels)
   if len(names) < 2:
     raise ValueError(f"{dataset}: classification needs at least 2 classes, found {names}")
+  if validation:
+    tr, va = data_lib.heldout_split(len(texts), validation, seed=0)
+    test_texts, test_y = [texts[i] for i in va], np.asarray(y)[va]
+    texts, y = [texts[i] for i in tr], np.asarray(y)[tr]
   if eval_limit:
     test_texts, test_y = test_texts[:eval_limit], test_y[:eval_limit]
   path = resolve_model(model)

@@ -46,3 +46,37 @@ def test_diff_pruning_cli_projects_trains_the_sparse_difference_and_restores(cap
   rc, stdout, err = run(capsys, "eval", "--adapter", out)
   assert rc == 0, err
   assert row["test accuracy"] in stdout
+
+
+def test_validation_split_is_carved_from_training_data_only(files):
+  from peftjax import tasks
+  kw = dict(text_column="review", label_column="sentiment", batch_size=4, max_len=8)
+  plain = tasks.classification_task(str(files / "bert"), str(files / "reviews.csv"), **kw)
+  val = tasks.classification_task(str(files / "bert"), str(files / "reviews.csv"),
+                                  validation=0.25, **kw)
+  ids = lambda loader: sorted(tuple(x) for x in loader.ids)
+  n_train = len(plain.train_loader.ids)
+  assert len(val.train_loader.ids) + len(ids_of(val.eval_batches)) == n_train
+  assert len(ids_of(val.eval_batches)) == round(0.25 * n_train)
+  # nothing of the test split in it
+  assert set(ids_of(val.eval_batches)) <= set(ids(plain.train_loader))
+
+
+def ids_of(batches):
+  out = []
+  for b in batches():
+    for row, m in zip(np.asarray(b["input_ids"]), np.asarray(b["attention_mask"])):
+      out.append(tuple(row[m.astype(bool)].tolist()))
+  return sorted(out)
+
+
+def test_validation_option_of_train(capsys, files, tmp_path):
+  rc, out, err = run(capsys, "train", "--model", files / "bert", "--data", files / "reviews.csv",
+                     "--text-column", "review", "--label-column", "sentiment", "--validation",
+                     "0.25", "--method", "bitfit", "--steps", "2", "--batch-size", "4",
+                     "--seq-len", "8", "--no-baseline", "--out", tmp_path / "r")
+  assert rc == 0, err
+  assert json.loads((tmp_path / "r" / "run.json").read_text())["validation"] == 0.25
+  rc, out, err = run(capsys, "train", "--model", "smollm2", "--data", "moby_dick",
+                     "--validation", "0.1")
+  assert rc == 2 and "--validation" in err
