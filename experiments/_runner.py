@@ -175,12 +175,19 @@ def resume(path: pathlib.Path, a, names: list[str]) -> tuple[list[dict], dict | 
 
 
 def run_all(experiment: str, a, methods: dict, names: list[str], common: list[str],
-            write) -> None:
+            write, score=None) -> None:
   """Runs ``peftjax train *common --method M --lr LR *extra`` for each name not yet done.
 
-  ``methods`` maps a row name to ``(method, extra options, lr, why)``; ``write(out, a, machine,
-  results, base, final=False)`` rewrites the report after every method (so a stopped run keeps
-  what it finished, and ``--resume`` continues it); ``--report`` only rewrites it from the JSON.
+  ``methods`` maps a row name to ``(method, extra options, lr or lr grid, why)``. With a grid
+  (several rates), ``a.validation`` > 0 and ``score`` (``row -> number``, higher is better), each
+  rate first trains with seed 0 on the training data less a held-out ``a.validation`` fraction
+  (``peftjax train --validation``) and is scored there; the test split is never used to choose.
+  The chosen rate (the first of a single-rate grid) then trains ``a.seeds`` times (seeds 0, 1,
+  ...) and is evaluated on the test split: the row keeps the seed-0 run's measurements and adds
+  ``grid`` (rate -> validation score), ``seed_rows`` (each seed's result row) and ``lr``.
+  ``write(out, a, machine, results, base, final=False)`` rewrites the report after every method
+  (so a stopped run keeps what it finished, and ``--resume`` continues it); ``--report`` only
+  rewrites it from the JSON.
   """
   out = pathlib.Path(a.out)
   path = out / f"{experiment}.json"
@@ -192,16 +199,40 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
     write(out, a, json.loads(path.read_text()).get("machine", info), results, base, final=True)
     return
   done = {r["name"] for r in results}
+  logs = out / "logs" / experiment
+  validation, seeds = getattr(a, "validation", 0) or 0, max(1, getattr(a, "seeds", 1) or 1)
   for n in names:
     if n in done:
       continue
-    method, extra, lr, _ = methods[n]
-    args = [*common, "--method", method, "--lr", f"{lr:g}", "--save-every", str(a.steps), *extra]
-    print(f"== {n}: peftjax train {' '.join(args)}", flush=True)
-    r = run_method(n, args, base_metrics=base, log_dir=out / "logs" / experiment)
-    r["lr"] = lr
-    if base is None and r.get("base_metrics"):
-      base = r["base_metrics"]
+    method, extra, lrs, _ = methods[n]
+    grid = tuple(lrs) if isinstance(lrs, (tuple, list)) else (lrs,)
+    args = [*common, "--method", method, "--save-every", str(a.steps), *extra]
+    scores = {}
+    if len(grid) > 1 and validation and score is not None:
+      for lr in grid:
+        vargs = [*args, "--lr", f"{lr:g}", "--validation", str(validation), "--seed", "0"]
+        print(f"== {n} (validation): peftjax train {' '.join(vargs)}", flush=True)
+        # the base row of a validation run is not used: skip evaluating it
+        v = run_method(f"{n}-val-lr{lr:g}", vargs, base_metrics={"accuracy": 0.0, "loss": 0.0},
+                       log_dir=logs)
+        scores[f"{lr:g}"] = None if "error" in v else score(v["row"])
+        print(f"   lr {lr:g}: {scores[f'{lr:g}']}", flush=True)
+      ok = {k: v for k, v in scores.items() if v is not None}
+      lr = float(max(ok, key=ok.get)) if ok else grid[0]
+    else:
+      lr = grid[0]
+    runs = []
+    for seed in range(seeds):
+      sargs = [*args, "--lr", f"{lr:g}", "--seed", str(seed)]
+      print(f"== {n}: peftjax train {' '.join(sargs)}", flush=True)
+      runs.append(run_method(n if seed == 0 else f"{n}-seed{seed}", sargs, base_metrics=base,
+                             log_dir=logs))
+      if base is None and runs[-1].get("base_metrics"):
+        base = runs[-1]["base_metrics"]
+    r = runs[0]
+    r["lr"], r["grid"] = lr, scores or None
+    r["seed_rows"] = [x.get("row") for x in runs if "error" not in x]
+    r["seeds_failed"] = [x["error"] for x in runs if "error" in x]
     print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)
     results.append(r)
     results.sort(key=lambda r: list(methods).index(r["name"]))
