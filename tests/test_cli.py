@@ -121,17 +121,22 @@ def test_user_errors_are_one_line(capsys, argv, message):
 
 
 def test_export_and_merge_refuse_what_they_cannot_write(capsys, tmp_path):
-  for method in ("bitfit", "prompt"):
+  for method in ("bitfit", "prompt", "adapters"):
     d = tmp_path / method
     (d / "adapter" / "manifest").mkdir(parents=True)
     (d / "run.json").write_text(json.dumps({"method": method}))
-    if method == "bitfit":
-      line = one_error(capsys, "export", "--adapter", d, "--out", tmp_path / "x")
-      assert "--method bitfit has no Hugging Face PEFT format (export writes lora, qlora" in line
-    else:
-      line = one_error(capsys, "merge", "--adapter", d, "--out", tmp_path / "x")
-      assert ("--method prompt (prompt tuning: trained soft tokens before the input) has no "
-              "merged form" in line and "use `peftjax export`" in line), line
+  line = one_error(capsys, "export", "--adapter", tmp_path / "bitfit", "--out", tmp_path / "x")
+  assert "--method bitfit has no Hugging Face PEFT format (export writes lora, qlora" in line
+  assert "`peftjax merge --adapter RUN --out DIR` writes the merged model" in line
+  line = one_error(capsys, "merge", "--adapter", tmp_path / "prompt", "--out", tmp_path / "x")
+  assert ("--method prompt (prompt tuning: trained soft tokens before the input) has no "
+          "merged form" in line and "`peftjax export --adapter RUN --out DIR`" in line), line
+  # bottleneck adapters have neither: neither command sends the user to the other
+  line = one_error(capsys, "export", "--adapter", tmp_path / "adapters", "--out", tmp_path / "x")
+  assert "no merged form either" in line and "peftjax merge" not in line, line
+  line = one_error(capsys, "merge", "--adapter", tmp_path / "adapters", "--out", tmp_path / "x")
+  assert "has no merged form" in line and "peftjax export" not in line, line
+  assert not (tmp_path / "x").exists()
 
 
 def test_internal_errors_keep_their_traceback(capsys, monkeypatch):
@@ -231,7 +236,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   # an option of another method on the same --out is refused before anything loads
   line = one_error(capsys, "train", "--model", files / "bert", "--method", "lora", "--rank", "4",
                    *data, "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--out", out)
-  assert "holds checkpoints of another run (options differ" in line
+  assert "holds a finished run of another configuration (options differ" in line
 
 
 def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
