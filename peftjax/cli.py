@@ -22,8 +22,15 @@ an HF model directory or a ``.gguf`` file. Datasets: ``rotten_tomatoes`` or a ``
 ``.jsonl`` file (sentence classification, with an encoder), ``moby_dick`` or a ``.txt`` file
 (language modelling, with a decoder).
 
-User errors (a missing file, an unknown column, method or model, an option that does not apply
-to the method, a bad value) print one line ``peftjax CMD: error: ...`` and exit with code 2.
+User errors (a missing, unreadable, non-UTF-8 or truncated file, an unknown column, method or
+model, an option that does not apply to the method, a bad value, an ``--out`` that is a file or
+not writable) print one line ``peftjax CMD: error: ...`` and exit with code 2.
+
+Nothing a user saved is overwritten: ``train``/``merge``/``export`` refuse an ``--out`` that holds
+other files (``train``: or a finished or checkpointed run of another configuration), and never
+write into the model or run directory they read, unless ``--overwrite`` (which never lifts the
+second rule). SIGINT/SIGTERM during training finish the step, save a checkpoint and the adapter,
+print how to resume and exit with 130/143; a rerun resumes from the newest checkpoint that reads.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -699,6 +707,9 @@ def _baseline_rows(a, task, cfg, lm: bool) -> list[dict]:
 def _eval_run(a) -> tuple[dict, Optional[Path]]:
   if a.adapter:
     run, adapter = _read_run(a.adapter)
+    # the run's own paths must still be there (those given on the command line replace them)
+    _need_paths(run, *(k for k in _PATH_KEYS if getattr(a, k, None) is None and
+                       (k != "eval_data" or a.data is None)))
   else:
     if a.model is None or a.data is None:
       raise _UsageError("peftjax eval: error: give --adapter DIR (a `peftjax train --out` "
@@ -712,7 +723,6 @@ def _eval_run(a) -> tuple[dict, Optional[Path]]:
   if a.data is not None and a.adapter and a.eval_data is None:
     # a new dataset: evaluate on its held-out part (or the test split)
     run["eval_data"] = None
-  _need_paths(run, "model", "data", "eval_data")
   run["kind"] = _data_kind(run["data"])
   if run.get("eval_data"):
     _data_kind(run["eval_data"])
@@ -728,7 +738,8 @@ def cmd_eval(a) -> dict:
   run, adapter = _eval_run(a)
   lm = run["kind"] == "lm"
   limit = a.eval_limit if a.eval_limit is not None else run.get("eval_limit", 1024)
-  task = _load_task(run, eval_limit=limit)
+  with _head_from_adapter(adapter is not None):
+    task = _load_task(run, eval_limit=limit)
   if adapter is None:
     name, tree = "base model" + ("" if lm else " (untrained head)"), task.params
   else:
@@ -742,11 +753,31 @@ def cmd_eval(a) -> dict:
   return {"rows": [row], "metrics": metrics}
 
 
+class _head_from_adapter:
+  """While loading the base of a run, the loader's "initialized classifier/..." warning is
+  not shown: the adapter restores the trained head over the initialized one."""
+
+  def __init__(self, active: bool = True):
+    self.active = active
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith("%s: initialized")
+
+  def __enter__(self):
+    if self.active:
+      logging.getLogger("peftjax.io").addFilter(self)
+    return self
+
+  def __exit__(self, *exc):
+    logging.getLogger("peftjax.io").removeFilter(self)
+    return False
+
+
 def _load_model(run: dict):
   from peftjax import tasks
   from peftjax.io.hf import from_pretrained
   _need_paths(run, "model")
-  with _user_input():
+  with _user_input(), _head_from_adapter():
     path = tasks.resolve_model(run["model"])
     if run["kind"] == "classification":
       return from_pretrained(path, task="sequence-classification",
@@ -859,6 +890,8 @@ def _add_modules_to_save(path: Path, head: dict):
 def cmd_generate(a):
   from peftjax import tasks
   from peftjax.io.hf import from_pretrained
+  if a.chat and a.raw:
+    raise _UsageError("peftjax generate: error: --chat and --raw contradict each other")
   if a.adapter:
     run, adapter = _read_run(a.adapter)
     if run["kind"] != "lm":
@@ -880,7 +913,10 @@ def cmd_generate(a):
     with _user_input():
       model, tree, tok = from_pretrained(tasks.resolve_model(a.model or "smollm2"))
   text = a.prompt
-  if getattr(tok, "chat_template", None) and not a.raw:
+  # A run trained on raw text (every `peftjax train` language-model run) continues raw text: the
+  # chat template only with --chat; the base model alone gets it unless --raw.
+  chat = a.chat if a.chat is not None else not (a.adapter or a.raw)
+  if getattr(tok, "chat_template", None) and chat:
     text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                    add_generation_prompt=True)
   ids = jnp.asarray(np.asarray(tok(text)["input_ids"], np.int32)[None])
@@ -951,7 +987,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=_pos_int, default=48)
   p.add_argument("--temperature", type=_nonneg_float, default=0.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+  p.add_argument("--raw", action="store_true",
+                 help="do not apply the chat template (the default with --adapter: the "
+                      "adapter was trained on raw text)")
+  p.add_argument("--chat", action="store_const", const=True, default=None,
+                 help="apply the tokenizer's chat template (the default without --adapter)")
   sub.add_parser("methods", help="list the PEFT methods")
   return ap
 

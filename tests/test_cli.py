@@ -158,6 +158,7 @@ def test_option_of_another_method_is_an_error(capsys):
     (["eval"], "give --adapter DIR"),
     (["eval", "--adapter", "no/such/dir"], "adapter directory no/such/dir does not exist"),
     (["merge", "--adapter", ".", "--out", "x"], "not a `peftjax train --out` directory"),
+    (["generate", "--prompt", "x", "--chat", "--raw"], "--chat and --raw contradict each other"),
 ])
 def test_user_errors_are_one_line(capsys, argv, message):
   line = one_error(capsys, *argv)
@@ -256,6 +257,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   rc, stdout, err = run(capsys, "eval", "--adapter", out)
   assert rc == 0, err
   assert res["rows"][-1]["test accuracy"] in stdout and "lora (" in stdout
+  assert "initialized" not in err  # the head comes from the adapter
 
   # HF PEFT export: LoRA + the trained head as modules_to_save
   rc, stdout, err = run(capsys, "export", "--adapter", out, "--out", tmp_path / "hf")
@@ -271,6 +273,8 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   rc, stdout, err = run(capsys, "merge", "--adapter", out, "--out", tmp_path / "merged")
   assert rc == 0, err
   merged = load_file(tmp_path / "merged" / "model.safetensors")
+  cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+  assert cfg["id2label"] == {"0": "neg", "1": "pos"} and cfg["label2id"] == {"neg": 0, "pos": 1}
   np.testing.assert_allclose(merged["classifier.weight"], tensors[
       "base_model.model.classifier.weight"], rtol=1e-6)
   base = load_file(files / "bert" / "model.safetensors")
@@ -312,6 +316,7 @@ def test_eval_base_model_on_a_file(capsys, files):
                         "--text-column", "review", "--label-column", "sentiment")
   assert rc == 0, err
   assert "base model (untrained head)" in stdout and "test accuracy" in stdout
+  assert "initialized classifier" in err  # no adapter: the head really is a fresh one
 
 
 def test_mixed_precision_run_evaluates_as_trained(capsys, files, tmp_path):
