@@ -22,8 +22,15 @@ an HF model directory or a ``.gguf`` file. Datasets: ``rotten_tomatoes`` or a ``
 ``.jsonl`` file (sentence classification, with an encoder), ``moby_dick`` or a ``.txt`` file
 (language modelling, with a decoder).
 
-User errors (a missing file, an unknown column, method or model, an option that does not apply
-to the method, a bad value) print one line ``peftjax CMD: error: ...`` and exit with code 2.
+User errors (a missing, unreadable, non-UTF-8 or truncated file, an unknown column, method or
+model, an option that does not apply to the method, a bad value, an ``--out`` that is a file or
+not writable) print one line ``peftjax CMD: error: ...`` and exit with code 2.
+
+Nothing a user saved is overwritten: ``train``/``merge``/``export`` refuse an ``--out`` that holds
+other files (``train``: or a finished or checkpointed run of another configuration), and never
+write into the model or run directory they read, unless ``--overwrite`` (which never lifts the
+second rule). SIGINT/SIGTERM during training finish the step, save a checkpoint and the adapter,
+print how to resume and exit with 130/143; a rerun resumes from the newest checkpoint that reads.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -79,9 +87,17 @@ class _user_input:
     return self
 
   def __exit__(self, kind, e, tb):
-    if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError)):
-      raise _UsageError(str(e)) from e
+    if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError,
+                                              PermissionError)):
+      raise _UsageError(_one_line(e)) from e
     return False
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception as one line: its message, or for an OSError without one ``strerror: path``."""
+  if isinstance(e, OSError) and e.strerror and e.filename:
+    return f"{e.filename}: {e.strerror.lower()}"
+  return str(e)
 
 
 def _method(run: dict):
@@ -201,6 +217,10 @@ def _add_train_args(p):
                  help="evaluate every N steps (default: 0, at the end only)")
   p.add_argument("--out", default=None, help="directory for run.json, metrics, results, "
                                              "checkpoints and the adapter")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --out that holds other files or a run of another "
+                      "configuration (that run's run.json, metrics, results, checkpoints and "
+                      "adapter are removed; other files stay)")
   p.add_argument("--save-every", type=_pos_int, default=100,
                  help="checkpoint every N steps into OUT/checkpoints (default: 100)")
   p.add_argument("--sharding", choices=["dp", "fsdp"], default="dp",
@@ -311,21 +331,148 @@ def _adapt(task, run: dict):
 
 
 def _read_run(path: str) -> tuple[dict, Path]:
-  """``(run.json contents, adapter directory)`` of a ``train --out`` directory."""
+  """``(run.json contents, adapter directory)`` of a ``train --out`` directory.
+
+  Local paths in the record are absolute (``train`` resolves them); a relative one (as peftjax
+  0.1 wrote them) is read relative to the directory the run recorded as its ``cwd``, or to
+  this one; one found nowhere is kept in ``run["_unresolved"]`` for :func:`_need_paths`.
+  """
   d = Path(path)
   if not d.exists():
     raise _UsageError(f"adapter directory {d} does not exist")
   for run_dir, adapter in ((d, d / ADAPTER_DIR), (d.parent, d)):
     f = run_dir / RUN_FILE
     if f.is_file():
-      try:
-        run = json.loads(f.read_text())
-      except json.JSONDecodeError as e:
-        raise _UsageError(f"{f}: corrupt run file ({e})") from None
+      run = _read_run_file(f)
       if not (adapter / "manifest").exists():
         raise _UsageError(f"{d}: no trained adapter in {adapter} (did the training finish?)")
+      run["_run_file"], run["_run_dir"] = str(f), str(run_dir.absolute())
       return run, adapter
   raise _UsageError(f"{d}: not a `peftjax train --out` directory (no {RUN_FILE})")
+
+
+def _read_run_file(f: Path) -> dict:
+  try:
+    run = json.loads(f.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise _UsageError(f"{f}: corrupt run file ({e})") from None
+  if not isinstance(run, dict):
+    raise _UsageError(f"{f}: corrupt run file (not a JSON object)")
+  unresolved = {}
+  for key in _PATH_KEYS:
+    v = run.get(key)
+    if not isinstance(v, str) or _is_name(key, v) or os.path.isabs(v):
+      continue
+    here = [Path(run["cwd"]) / v] if isinstance(run.get("cwd"), str) else []
+    found = next((c for c in here + [Path(v)] if c.exists()), None)
+    if found is None:
+      unresolved[key] = v
+    else:
+      run[key] = os.path.abspath(found)
+  run["_unresolved"] = unresolved
+  return run
+
+
+#: run.json keys that hold a registered name or a local path.
+_PATH_KEYS = ("model", "data", "eval_data")
+_DATASETS = ("rotten_tomatoes", "moby_dick")
+
+
+def _is_name(key: str, value: str) -> bool:
+  """A registered model or dataset name (or a ``package==version`` model), not a local path."""
+  from peftjax import tasks
+  if key == "model":
+    return value in tasks.MODELS or ("==" in value and not Path(value).exists())
+  return value in _DATASETS
+
+
+def _abs_path(key: str, value: Optional[str]) -> Optional[str]:
+  """``value`` as run.json stores it: a name as it is, a local path made absolute."""
+  if value is None or _is_name(key, value):
+    return value
+  return os.path.abspath(os.path.expanduser(value))
+
+
+def _need_paths(run: dict, *keys):
+  """Every local path the command needs from the run exists, or a one-line error naming it."""
+  where = run.get("_run_file", RUN_FILE)
+  flag = {"model": "--model", "data": "--data", "eval_data": "--eval-data"}
+  for key in keys:
+    v = run.get(key)
+    if v is None:
+      continue
+    if run.get("_unresolved", {}).get(key) == v:
+      raise _UsageError(f"{where} records {flag[key]} {v}, a path relative to the directory "
+                        f"`peftjax train` ran in, and it is not found from here: run this "
+                        f"command from that directory, or write the absolute path into {where}")
+    if not _is_name(key, v) and not Path(v).exists():
+      raise _UsageError(f"{where} records {flag[key]} {v}, which does not exist (moved or "
+                        f"deleted?)")
+
+
+# ------------------------------------------------------------------------------------------------
+# output directories: a directory that holds something else is the user's
+# ------------------------------------------------------------------------------------------------
+
+#: What ``merge``/``export`` write beside their output: which command wrote it, from which run.
+OUTPUT_MARKER = "peftjax_output.json"
+#: What ``train --out`` writes (removed by ``--overwrite``; nothing else is touched).
+_TRAIN_OUTPUTS = (RUN_FILE, "metrics.jsonl", "results.md", "results.json", CHECKPOINT_DIR,
+                  ADAPTER_DIR)
+
+
+def _writable_dir(out: Path):
+  """``out`` is a directory (or can be created as one) that this process may write into."""
+  if out.exists() and not out.is_dir():
+    raise _UsageError(f"--out {out} is a file, not a directory; give a directory")
+  p = out.absolute()
+  while not p.exists():
+    p = p.parent
+  if not p.is_dir():
+    raise _UsageError(f"--out {out}: {p} is a file, not a directory")
+  if not os.access(p, os.W_OK | os.X_OK):
+    raise _UsageError(f"--out {out}: cannot write into {p} (permission denied)")
+
+
+def _inside(a: Path, b: Path) -> bool:
+  a, b = a.resolve(), b.resolve()
+  return a == b or b in a.parents
+
+
+def _not_an_input(out: Path, inputs: dict):
+  """``out`` is not (inside) a directory the command reads, nor a file it reads."""
+  for what, p in inputs.items():
+    if p is not None and Path(p).exists() and _inside(out, Path(p)):
+      raise _UsageError(f"--out {out} is {'inside ' if out.resolve() != Path(p).resolve() else ''}"
+                        f"{what} {p}, which this command reads; give another directory")
+
+
+def _listing(d: Path, n: int = 3) -> str:
+  names = sorted(x.name for x in d.iterdir())
+  return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def _output_dir(a, inputs: dict) -> Path:
+  """``merge``/``export`` ``--out``: new, empty, or written by the same command before (its
+  :data:`OUTPUT_MARKER`); anything else only with ``--overwrite``."""
+  out = Path(a.out)
+  _writable_dir(out)
+  _not_an_input(out, inputs)
+  if out.is_dir() and any(out.iterdir()) and not a.overwrite:
+    try:
+      mine = json.loads((out / OUTPUT_MARKER).read_text()).get("command") == a.cmd
+    except (OSError, ValueError, AttributeError):
+      mine = False
+    if not mine:
+      raise _UsageError(f"--out {out} is a directory that holds other files ({_listing(out)}); "
+                        f"give a new or empty directory, or --overwrite to write into it")
+  return out
+
+
+def _mark_output(out: Path, a, run: dict):
+  (out / OUTPUT_MARKER).write_text(json.dumps(
+      {"command": a.cmd, "adapter": run.get("_run_dir"), "model": run["model"],
+       "method": run["method"], "peftjax_version": peftjax.__version__}, indent=2) + "\n")
 
 
 def _restored(run: dict, adapter: Path, params, model):
@@ -388,7 +535,9 @@ def _run_record(a) -> dict:
     raise _UsageError(f"peftjax {a.cmd}: error: --validation holds out part of classification "
                       f"training data; it cannot be used with "
                       f"{'--eval-data' if a.eval_data is not None else 'language-model data'}")
-  return {"model": a.model, "data": a.data, "eval_data": a.eval_data, "kind": kind,
+  # Local paths are stored absolute, so eval/merge/export of the run work from any directory.
+  return {"model": _abs_path("model", a.model), "data": _abs_path("data", a.data),
+          "eval_data": _abs_path("eval_data", a.eval_data), "kind": kind,
           "validation": a.validation,
           "method": method.name, "options": _options_given(a, method),
           "seed": 0 if a.seed is None else a.seed,
@@ -396,11 +545,88 @@ def _run_record(a) -> dict:
           "compute_dtype": a.compute_dtype or "float32",
           "batch_size": a.batch_size or (4 if kind == "lm" else 32),
           "text_column": a.text_column or "text", "label_column": a.label_column or "label",
-          "peftjax_version": peftjax.__version__}
+          "cwd": os.getcwd(), "peftjax_version": peftjax.__version__}
 
 
-_SAME_RUN = ("model", "data", "eval_data", "validation", "method", "options", "seed", "seq_len", "batch_size",
-             "text_column", "label_column")
+_SAME_RUN = ("model", "data", "eval_data", "validation", "method", "options", "seed", "seq_len",
+             "batch_size", "text_column", "label_column")
+BASELINE_FILE = "baseline.json"
+
+
+def _saved_steps(ckpt_dir: Path) -> list[int]:
+  """The committed checkpoint steps in ``ckpt_dir`` (orbax step directories)."""
+  if not ckpt_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _clear_run(out: Path):
+  """Removes what ``train --out`` writes (and nothing else) from ``out``."""
+  import shutil
+  for name in _TRAIN_OUTPUTS + (BASELINE_FILE,):
+    p = out / name
+    if p.is_dir() and not p.is_symlink():
+      shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+      p.unlink()
+
+
+def _train_out(a, run: dict) -> Optional[Path]:
+  """Checks ``train --out`` before anything loads: a new or empty directory, the same run again
+  (resumed from its last checkpoint), a run of any configuration that never saved a step
+  (started over), or anything with ``--overwrite``. A finished or checkpointed run of another
+  configuration, and a directory of other files, are refused."""
+  if not a.out:
+    return None
+  out = Path(a.out)
+  _writable_dir(out)
+  model = run["model"] if not _is_name("model", run["model"]) else None
+  _not_an_input(out, {"the model directory": model})
+  if not out.is_dir() or not any(out.iterdir()):
+    return out
+  prev = out / RUN_FILE
+  if a.overwrite:
+    _clear_run(out)
+    return out
+  if not prev.is_file():
+    raise _UsageError(f"--out {out} holds other files ({_listing(out)}) and no {RUN_FILE}: it "
+                      f"is not a `peftjax train --out` directory; give a new or empty directory, "
+                      f"or --overwrite to write the run into it")
+  old = _read_run_file(prev)
+  diff = [k for k in _SAME_RUN if old.get(k) != run.get(k)]
+  steps = _saved_steps(out / CHECKPOINT_DIR)
+  finished = (out / ADAPTER_DIR / "manifest").exists()
+  if diff and (steps or finished):
+    raise _UsageError(f"{out} holds {'a finished' if finished else 'the checkpoints of a'} run "
+                      f"of another configuration ({', '.join(diff)} differ; it has "
+                      f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another --out, or "
+                      f"--overwrite to replace that run")
+  if not steps:
+    _clear_run(out)  # nothing to resume: the run starts over (its old metrics would mislead)
+  return out
+
+
+class _Stopped(Exception):
+  """A signal ended the command after saving what there was: one line, exit code ``code``."""
+
+  def __init__(self, message: str, code: int):
+    super().__init__(message)
+    self.code = code
+
+
+def _interrupted(a, e, out: Optional[Path]) -> _Stopped:
+  """Saves the adapter of an interrupted training (its checkpoint is written) and says how to
+  resume."""
+  import signal
+  name = signal.Signals(e.signum).name
+  if out is None:
+    return _Stopped(f"peftjax train: {name} at step {e.step}/{a.steps}: nothing saved (no --out)",
+                    128 + e.signum)
+  from peftjax.io.checkpoint import save_adapter
+  save_adapter(out / ADAPTER_DIR, e.result.params, force=True)
+  return _Stopped(f"peftjax train: {name} at step {e.step}/{a.steps}: saved checkpoint "
+                  f"{e.checkpoint} and the adapter to {out / ADAPTER_DIR}; run the same command "
+                  f"again to resume", 128 + e.signum)
 
 
 def _train_method(method, run: dict, task, mtask, tuned, cfg):
@@ -429,7 +655,7 @@ def _train_method(method, run: dict, task, mtask, tuned, cfg):
   else:
     rtask = task.adapt(forward=mtask.forward, prepare=method.step_hook)
     second = dataclasses.replace(
-        cfg, steps=n, warmup_steps=min(cfg.warmup_steps, n - 1),
+        cfg, steps=n, warmup_steps=min(cfg.warmup_steps, n - 1), label=f"{cfg.label} (refine)",
         checkpoint_dir=cfg.checkpoint_dir and os.path.join(cfg.checkpoint_dir, "refine"))
     res2 = train(rtask.loss_fn, refined, mtask.train_loader, second, eval_fn=mtask.eval_fn,
                  eval_data=mtask.eval_batches)
@@ -442,6 +668,7 @@ def _train_method(method, run: dict, task, mtask, tuned, cfg):
 
 
 def cmd_train(a) -> dict:
+  from peftjax.train import TrainInterrupted
   run = _run_record(a)
   method = _method(run)
   lr = a.lr = a.lr or method.learning_rate  # results.json records the rate used
@@ -450,33 +677,63 @@ def cmd_train(a) -> dict:
   if run["batch_size"] % a.grad_accum:
     raise _UsageError(f"--batch-size {run['batch_size']} is not divisible by --grad-accum "
                      f"{a.grad_accum}")
-  ckpt_dir = None
-  if a.out:
-    out = Path(a.out)
-    prev = out / RUN_FILE
-    ckpt_dir = out / CHECKPOINT_DIR
-    if prev.is_file() and ckpt_dir.exists():
-      old = json.loads(prev.read_text())
-      diff = [k for k in _SAME_RUN if old.get(k) != run.get(k)]
-      if diff:
-        raise _UsageError(f"{out} holds checkpoints of another run ({', '.join(diff)} differ: "
-                         f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use another --out "
-                         f"or delete {ckpt_dir}")
+  out = _train_out(a, run)
+  ckpt_dir = out / CHECKPOINT_DIR if out is not None else None
   lm = run["kind"] == "lm"
   t0 = time.perf_counter()
   task = _load_task(run, eval_limit=a.eval_limit)
   run["labels"], run["eval_limit"] = task.labels, a.eval_limit
   print(f"loaded {a.model} and {a.data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-  if a.out:
-    os.makedirs(a.out, exist_ok=True)
-    (Path(a.out) / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+  if out is not None:
+    with _user_input():
+      out.mkdir(parents=True, exist_ok=True)
+      (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
   cfg = TrainConfig(steps=a.steps, learning_rate=lr, warmup_steps=min(a.warmup, a.steps - 1),
                     grad_accum=a.grad_accum, eval_every=a.eval_every, seed=run["seed"],
                     out_dir=a.out, log_every=10, sharding=a.sharding,
                     checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
                     save_every=a.save_every)
+  # The baseline rows of a resumed run are the ones its first start computed.
+  baseline = out / BASELINE_FILE if out is not None else None
+  rows = None
+  if baseline is not None and baseline.is_file() and _saved_steps(ckpt_dir):
+    try:
+      rows = json.loads(baseline.read_text())["rows"]
+      print(f"baseline from {baseline} (computed when the run started)", file=sys.stderr)
+    except (ValueError, KeyError, TypeError):
+      rows = None
+  if rows is None:
+    rows = _baseline_rows(a, task, cfg, lm)
+    if baseline is not None:
+      baseline.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+  tuned, with_head = _tune(task.params, run, task.model, task.head_targets)
+  mtask = _adapt(task, run)
+  print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
+  try:
+    res = _train_method(method, run, task, mtask, tuned,
+                        dataclasses.replace(cfg, handle_signals=True, label=method.name))
+  except TrainInterrupted as e:
+    raise _interrupted(a, e, out) from None
+  rows.append(_row(method.name + (" + head" if with_head else ""), res.params,
+                   res.eval_metrics, lm, _step_seconds(res.history)))
+  table = _table(rows, list(rows[0]))
+  print("\n" + table)
+  if out is not None:
+    from peftjax.io.checkpoint import save_adapter
+    with open(out / "results.md", "w") as f:
+      f.write(table + "\n")
+    with open(out / "results.json", "w") as f:
+      json.dump({"args": vars(a), "run": run, "rows": rows}, f, indent=2, default=str)
+    save_adapter(out / ADAPTER_DIR, res.params, force=True)
+    print(f"saved the adapter to {out / ADAPTER_DIR}", file=sys.stderr)
+  return {"rows": rows, "result": res}
+
+
+def _baseline_rows(a, task, cfg, lm: bool) -> list[dict]:
+  """The base model's row and, for classification, the linear probe's."""
   rows = []
-  base_metrics = evaluate(task.eval_fn, task.params, task.eval_batches())
+  base_metrics = evaluate(task.eval_fn, task.params, task.eval_batches(),
+                          label="base model eval" if cfg.progress else None)
   rows.append(_row("base model" + ("" if lm else " (untrained head)"), task.params, base_metrics,
                    lm))
   if not lm and not a.no_baseline:
@@ -484,28 +741,12 @@ def cmd_train(a) -> dict:
     probe_loader = copy.copy(task.train_loader)  # its own position: the method starts afresh
     probe_loader.restore({"epoch": 0, "index": 0})
     res = train(task.loss_fn, probe, probe_loader,
-                TrainConfig(**{**cfg.__dict__, "out_dir": None, "checkpoint_dir": None,
-                               "learning_rate": 1e-3}),
+                dataclasses.replace(cfg, out_dir=None, checkpoint_dir=None, learning_rate=1e-3,
+                                    label="linear probe"),
                 eval_fn=task.eval_fn, eval_data=task.eval_batches)
     rows.append(_row("base + trained head (linear probe)", res.params, res.eval_metrics, lm,
                      _step_seconds(res.history)))
-  tuned, with_head = _tune(task.params, run, task.model, task.head_targets)
-  mtask = _adapt(task, run)
-  print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
-  res = _train_method(method, run, task, mtask, tuned, cfg)
-  rows.append(_row(method.name + (" + head" if with_head else ""), res.params,
-                   res.eval_metrics, lm, _step_seconds(res.history)))
-  table = _table(rows, list(rows[0]))
-  print("\n" + table)
-  if a.out:
-    from peftjax.io.checkpoint import save_adapter
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-      f.write(table + "\n")
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-      json.dump({"args": vars(a), "run": run, "rows": rows}, f, indent=2, default=str)
-    save_adapter(Path(a.out) / ADAPTER_DIR, res.params, force=True)
-    print(f"saved the adapter to {Path(a.out) / ADAPTER_DIR}", file=sys.stderr)
-  return {"rows": rows, "result": res}
+  return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -515,6 +756,9 @@ def cmd_train(a) -> dict:
 def _eval_run(a) -> tuple[dict, Optional[Path]]:
   if a.adapter:
     run, adapter = _read_run(a.adapter)
+    # the run's own paths must still be there (those given on the command line replace them)
+    _need_paths(run, *(k for k in _PATH_KEYS if getattr(a, k, None) is None and
+                       (k != "eval_data" or a.data is None)))
   else:
     if a.model is None or a.data is None:
       raise _UsageError("peftjax eval: error: give --adapter DIR (a `peftjax train --out` "
@@ -543,7 +787,8 @@ def cmd_eval(a) -> dict:
   run, adapter = _eval_run(a)
   lm = run["kind"] == "lm"
   limit = a.eval_limit if a.eval_limit is not None else run.get("eval_limit", 1024)
-  task = _load_task(run, eval_limit=limit)
+  with _head_from_adapter(adapter is not None):
+    task = _load_task(run, eval_limit=limit)
   if adapter is None:
     name, tree = "base model" + ("" if lm else " (untrained head)"), task.params
   else:
@@ -557,10 +802,31 @@ def cmd_eval(a) -> dict:
   return {"rows": [row], "metrics": metrics}
 
 
+class _head_from_adapter:
+  """While loading the base of a run, the loader's "initialized classifier/..." warning is
+  not shown: the adapter restores the trained head over the initialized one."""
+
+  def __init__(self, active: bool = True):
+    self.active = active
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith("%s: initialized")
+
+  def __enter__(self):
+    if self.active:
+      logging.getLogger("peftjax.io").addFilter(self)
+    return self
+
+  def __exit__(self, *exc):
+    logging.getLogger("peftjax.io").removeFilter(self)
+    return False
+
+
 def _load_model(run: dict):
   from peftjax import tasks
   from peftjax.io.hf import from_pretrained
-  with _user_input():
+  _need_paths(run, "model")
+  with _user_input(), _head_from_adapter():
     path = tasks.resolve_model(run["model"])
     if run["kind"] == "classification":
       return from_pretrained(path, task="sequence-classification",
@@ -568,21 +834,49 @@ def _load_model(run: dict):
     return from_pretrained(path)
 
 
+def _outputs_inputs(run: dict) -> dict:
+  """What ``merge``/``export`` read, which their ``--out`` must not be (inside)."""
+  from peftjax import tasks
+  inputs = {"the run directory": run.get("_run_dir")}
+  if not _is_name("model", run["model"]):
+    inputs["the base model"] = run["model"]
+  elif run["model"] in tasks.MODELS:
+    with _user_input():
+      inputs["the base model"] = str(tasks.resolve_model(run["model"]))
+  return inputs
+
+
 def cmd_merge(a):
   from peftjax.io.export import export_merged
   run, adapter = _read_run(a.adapter)
   method = _method(run)
   if not method.mergeable:
+    alt = ("; `peftjax export --adapter RUN --out DIR` writes it in Hugging Face PEFT format"
+           if method.hf_peft_type else
+           "; generate/eval use it with the base as it is (`peftjax eval --adapter RUN`)")
     raise _UsageError(f"--method {method.name} ({method.description}) has no merged form: no "
-                      f"weight holds what it adds" + ("; use `peftjax export` (HF PEFT format) "
-                                                      "instead" if method.hf_peft_type else ""))
+                      f"weight holds what it adds{alt}")
+  _need_paths(run, "model")
+  out = _output_dir(a, _outputs_inputs(run))
   model, params, tok = _load_model(run)
   tuned = _restored(run, adapter, params, model)
   with _user_input():
-    path = export_merged(tuned, model, a.out, tokenizer=tok,
+    path = export_merged(tuned, model, out, tokenizer=tok,
                          dtype=None if a.dtype is None else jnp.dtype(a.dtype))
+    if run["kind"] == "classification" and run.get("labels"):
+      _write_labels(path, run["labels"])
+    _mark_output(path, a, run)
   print(f"wrote the merged model ({run['model']} + {method.name}) to {path}")
   return path
+
+
+def _write_labels(path: Path, labels: list):
+  """The run's class names as the merged config's ``id2label``/``label2id``."""
+  f = path / "config.json"
+  cfg = json.loads(f.read_text())
+  cfg["id2label"] = {str(i): str(n) for i, n in enumerate(labels)}
+  cfg["label2id"] = {str(n): i for i, n in enumerate(labels)}
+  f.write_text(json.dumps(cfg, indent=2))
 
 
 def cmd_export(a):
@@ -591,8 +885,12 @@ def cmd_export(a):
   method = _method(run)
   if method.hf_peft_type is None:
     can = [m.name for m in methods.all_methods().values() if m.hf_peft_type]
+    alt = ("`peftjax merge --adapter RUN --out DIR` writes the merged model" if method.mergeable
+           else "it has no merged form either; `peftjax eval --adapter RUN` uses the run as it is")
     raise _UsageError(f"--method {method.name} has no Hugging Face PEFT format (export writes "
-                      f"{', '.join(can)}); `peftjax merge` writes the merged model")
+                      f"{', '.join(can)}); {alt}")
+  _need_paths(run, "model")
+  out = _output_dir(a, _outputs_inputs(run))
   model, params, tok = _load_model(run)
   tuned = peftjax.as_tuned(_restored(run, adapter, params, model))
   head = {}
@@ -607,9 +905,10 @@ def cmd_export(a):
   if method.finalize is not None:
     tuned = method.finalize(tuned)
   with _user_input():
-    path = save_hf_peft(tuned, a.out, base_model_name_or_path=run["model"])
-  if head:
-    _add_modules_to_save(path, head)
+    path = save_hf_peft(tuned, out, base_model_name_or_path=run["model"])
+    if head:
+      _add_modules_to_save(path, head)
+    _mark_output(path, a, run)
   print(f"wrote the HF PEFT adapter ({method.name}) to {path}")
   return path
 
@@ -640,6 +939,8 @@ def _add_modules_to_save(path: Path, head: dict):
 def cmd_generate(a):
   from peftjax import tasks
   from peftjax.io.hf import from_pretrained
+  if a.chat and a.raw:
+    raise _UsageError("peftjax generate: error: --chat and --raw contradict each other")
   if a.adapter:
     run, adapter = _read_run(a.adapter)
     if run["kind"] != "lm":
@@ -661,7 +962,10 @@ def cmd_generate(a):
     with _user_input():
       model, tree, tok = from_pretrained(tasks.resolve_model(a.model or "smollm2"))
   text = a.prompt
-  if getattr(tok, "chat_template", None) and not a.raw:
+  # A run trained on raw text (every `peftjax train` language-model run) continues raw text: the
+  # chat template only with --chat; the base model alone gets it unless --raw.
+  chat = a.chat if a.chat is not None else not (a.adapter or a.raw)
+  if getattr(tok, "chat_template", None) and chat:
     text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
                                    add_generation_prompt=True)
   ids = jnp.asarray(np.asarray(tok(text)["input_ids"], np.int32)[None])
@@ -703,7 +1007,11 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="example:\n  peftjax merge --adapter run/ --out merged/",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--adapter", required=True, help="a `peftjax train --out` directory")
-  p.add_argument("--out", required=True, help="output directory (config.json + safetensors)")
+  p.add_argument("--out", required=True, help="output directory (config.json + safetensors): "
+                                              "new, empty, or an earlier merge's")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --out that holds other files (files of the same names are "
+                      "replaced)")
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                  help="dtype of the written weights (default: each parameter's)")
   p = sub.add_parser("export", help="write an adapter in Hugging Face PEFT format",
@@ -712,7 +1020,11 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--adapter", required=True, help="a `peftjax train --out` directory")
   p.add_argument("--out", required=True, help="output directory (adapter_config.json + "
-                                              "adapter_model.safetensors)")
+                                              "adapter_model.safetensors): new, empty, or an "
+                                              "earlier export's")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --out that holds other files (files of the same names are "
+                      "replaced)")
   p = sub.add_parser("generate", help="generate text with a decoder (and a trained adapter)",
                      epilog="examples:\n  peftjax generate --model smollm2 --prompt 'The whale'\n"
                             "  peftjax generate --adapter run/ --prompt 'Call me'",
@@ -724,7 +1036,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=_pos_int, default=48)
   p.add_argument("--temperature", type=_nonneg_float, default=0.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+  p.add_argument("--raw", action="store_true",
+                 help="do not apply the chat template (the default with --adapter: the "
+                      "adapter was trained on raw text)")
+  p.add_argument("--chat", action="store_const", const=True, default=None,
+                 help="apply the tokenizer's chat template (the default without --adapter)")
   sub.add_parser("methods", help="list the PEFT methods")
   return ap
 
@@ -733,10 +1049,24 @@ _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export":
              "generate": cmd_generate, "methods": cmd_methods}
 
 
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM outside a training loop (which handles it itself): ends the command as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+  raise _Terminated
+
+
 def main(argv=None) -> int:
-  """Runs the command line; returns the exit code (0, or 2 for user errors)."""
+  """Runs the command line; returns the exit code: 0, 2 for user errors, 130/143 after
+  SIGINT/SIGTERM (training saves a checkpoint and the adapter first)."""
+  import signal
+  import threading
   ap = build_parser()
   cmd = "peftjax"
+  old_term = None
+  if threading.current_thread() is threading.main_thread():
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     a = ap.parse_args(argv)
     cmd = f"peftjax {a.cmd}"
@@ -745,8 +1075,20 @@ def main(argv=None) -> int:
     msg = str(e).strip().replace("\n", " ")
     print(msg if msg.startswith("peftjax") else f"{cmd}: error: {msg}", file=sys.stderr)
     return 2
+  except _Stopped as e:
+    print(str(e), file=sys.stderr)
+    return e.code
+  except KeyboardInterrupt as e:
+    term = isinstance(e, _Terminated)
+    print(f"\n{cmd}: {'SIGTERM' if term else 'SIGINT'}: stopped"
+          + ("; a rerun of the same command resumes from the last checkpoint"
+             if cmd == "peftjax train" else ""), file=sys.stderr)
+    return 143 if term else 130
   except SystemExit as e:  # --help
     return e.code if isinstance(e.code, int) else 0
+  finally:
+    if old_term is not None:
+      signal.signal(signal.SIGTERM, old_term)
   return 0
 
 

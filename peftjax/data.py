@@ -39,7 +39,7 @@ import numpy as np
 from peftjax.io.fetch import cache_dir, fetch
 
 __all__ = ["rotten_tomatoes", "moby_dick", "ClassificationLoader", "LMLoader", "bucket_length",
-           "read_labeled", "encode_labels", "heldout_split", "TABLE_SUFFIXES"]
+           "read_labeled", "read_text", "encode_labels", "heldout_split", "TABLE_SUFFIXES"]
 
 #: File suffixes :func:`read_labeled` reads.
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -162,7 +162,7 @@ def read_labeled(path: str | os.PathLike, text_column: str = "text",
   if not path.is_file():
     raise FileNotFoundError(f"data file {path} does not exist")
   rows, columns = [], []
-  with open(path, encoding="utf-8", newline="") as f:
+  with io.StringIO(read_text(path), newline="") as f:
     if path.suffix.lower() == ".jsonl":
       for n, line in enumerate(f, 1):
         if not line.strip():
@@ -194,6 +194,30 @@ def read_labeled(path: str | os.PathLike, text_column: str = "text",
     texts.append(str(t).strip())
     labels.append(l.strip() if isinstance(l, str) else l)
   return texts, labels
+
+
+def read_text(path: str | os.PathLike) -> str:
+  """The text of a UTF-8 data file; a file in another encoding is a ``ValueError`` naming the
+  file, the first byte that does not decode (with its line) and the encoding expected.
+
+  >>> import tempfile, os
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   p = os.path.join(tmp, "d.txt")
+  ...   _ = open(p, "wb").write("caf\\u00e9\\n".encode("latin-1"))
+  ...   try:
+  ...     read_text(p)
+  ...   except ValueError as e:
+  ...     print(str(e).split(": ", 1)[1][:52])
+  not UTF-8 text: byte 0xe9 at offset 3 (line 1) does
+  """
+  raw = Path(path).read_bytes()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                     f"(line {line}) does not decode; data files are read as UTF-8: save it as "
+                     f"UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _as_int(v):

@@ -109,7 +109,10 @@ def apply(params, *, targets=None, feedforward=None, dtype=None,
     params: any parameter pytree.
     targets: kernels whose *output* is scaled; default every key and value projection
       (``k_proj``/``v_proj``, BERT's ``key``/``value``, ...). A regex over ``"a/b/kernel"`` paths,
-      module names, a callable ``(path, leaf) -> bool``, or ``[]`` for none.
+      module names, a callable ``(path, leaf) -> bool``, or ``[]`` for none. A kernel also
+      chosen by ``feedforward`` is scaled on its input instead (as HF PEFT's
+      ``feedforward_modules``, a subset of ``target_modules``: ``targets=["k_proj", "v_proj",
+      "down_proj"], feedforward=["down_proj"]``).
     feedforward: kernels whose *input* is scaled; default every FFN output projection
       (``down_proj``, BERT's ``output/dense``, ``fc2``, ...), which reads the intermediate
       activation. Same forms as ``targets``.
@@ -121,8 +124,8 @@ def apply(params, *, targets=None, feedforward=None, dtype=None,
     (the model is unchanged at init): ``d_k + d_v + d_ff`` trainable parameters per layer.
 
   Raises:
-    ValueError: nothing matched, a kernel chosen by both ``targets`` and ``feedforward``, a target
-      that is not a kernel or already has IA3.
+    ValueError: nothing matched, or a ``targets``/``feedforward`` given that matches nothing
+      (naming it and showing real paths), a target that is not a kernel or already has IA3.
 
   >>> import jax.numpy as jnp, peftjax
   >>> params = {"attn": {"k_proj": {"kernel": jnp.ones((4, 2))},
@@ -140,13 +143,19 @@ def apply(params, *, targets=None, feedforward=None, dtype=None,
   pairs = targeting.leaves_with_paths(params)
   out_paths = {p for p, l in pairs if out_pred(p, l)}
   in_paths = {p for p, l in pairs if in_pred(p, l)}
-  both = sorted(out_paths & in_paths)
-  if both:
-    raise ValueError(f"{both[0]} is chosen by both `targets` (output scaling) and `feedforward` "
-                     f"(input scaling); a kernel gets one IA3 vector")
+  # A spec the user wrote that matches nothing is an error, never a silent fall back on the
+  # other set's default ([] asks for none).
+  for name, spec, chosen in (("targets", targets, out_paths), ("feedforward", feedforward,
+                                                               in_paths)):
+    if spec is not None and not chosen and not (isinstance(spec, (list, tuple)) and not spec):
+      raise ValueError(f"IA3 {name}={spec!r} matched no kernel. Some paths of the parameter "
+                       f"tree:\n{targeting.describe_paths(pairs)}")
   if not out_paths and not in_paths:
     raise ValueError(f"IA3 targets={targets!r}, feedforward={feedforward!r} matched no kernel. "
                      f"Some paths of the parameter tree:\n{targeting.describe_paths(pairs)}")
+  # HF PEFT's feedforward_modules are a subset of target_modules: a kernel in both is scaled on
+  # its input, once.
+  out_paths -= in_paths
   leaves = dict(pairs)
   for path in sorted(out_paths | in_paths):
     additive.check_kernel(path, leaves[path], (IA3Weight,), "IA3")

@@ -304,7 +304,7 @@ def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: i
   elif Path(dataset).suffix.lower() == ".txt":
     if not Path(dataset).is_file():
       raise FileNotFoundError(f"data file {dataset} does not exist")
-    raw = Path(dataset).read_text(encoding="utf-8")
+    raw = data_lib.read_text(dataset)
     cut = int(len(raw) * 0.9)
     train_text, test_text = raw[:cut], raw[cut:]
   else:
@@ -313,7 +313,7 @@ def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: i
     if not Path(eval_data).is_file():
       raise FileNotFoundError(f"data file {eval_data} does not exist")
     train_text, test_text = (train_text if dataset == "moby_dick" else raw,
-                             Path(eval_data).read_text(encoding="utf-8"))
+                             data_lib.read_text(eval_data))
   from peftjax.models import LlamaForCausalLM
   m, params, tok = from_pretrained(resolve_model(model), scan_layers=scan_layers,
                                    compute_dtype=compute_dtype, remat=remat)

@@ -53,7 +53,9 @@ def model_apply(variables, tokens):
 
 
 def make_tuned(base):
-  return peftjax.lora.apply(base, rank=4, alpha=8, dropout=0.1, key=jax.random.key(1))
+  # the output layer too (the default leaves a top-level `out` out): two LoRA nodes
+  return peftjax.lora.apply(base, rank=4, alpha=8, dropout=0.1, key=jax.random.key(1),
+                            targets=["mlp", "out"])
 
 
 def batch(position: int):

@@ -5,8 +5,16 @@ The model paths run on tiny random HF directories (BERT and Llama, with all-Mini
 tokenizer) written once per module, so the whole command line runs in seconds.
 """
 
+import hashlib
 import json
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +58,42 @@ def files(tmp_path_factory):
       f.write(" ".join(rng.choice(words) for _ in range(5)) + f",{'pos' if i % 2 else 'neg'}\n")
   (d / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(2500)))
   return d
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lm_run(files, tmp_path_factory):
+  """A finished 2-step LoRA run on the tiny Llama (checkpoints at steps 1 and 2): the argv that
+  made it and its directory. Tests copy it before changing anything."""
+  out = tmp_path_factory.mktemp("lm") / "run"
+  argv = ["train", "--model", files / "llama", "--method", "lora", "--rank", "2", "--data",
+          files / "text.txt", "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+          "--save-every", "1", "--out", out]
+  assert cli.main([str(a) for a in argv]) == 0
+  return argv, out
+
+
+def copy_run(lm_run, dest: Path):
+  argv, out = lm_run
+  shutil.copytree(out, dest)
+  return [dest if a == out else a for a in argv]
+
+
+def hashes(d: Path) -> dict:
+  """``{relative path: sha256}`` of every file under ``d`` (or of the file ``d``)."""
+  if d.is_file():
+    return {d.name: hashlib.sha256(d.read_bytes()).hexdigest()}
+  return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest()
+          for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def adapter_arrays(d: Path) -> list:
+  """The arrays of a saved adapter (``d/adapter``), as numpy, in checkpoint order."""
+  import orbax.checkpoint as ocp
+  saved = ocp.StandardCheckpointer().restore((d / "adapter").absolute())
+  return [np.asarray(x) for x in jax.tree.leaves(saved)]
 
 
 def run(capsys, *argv):
@@ -114,6 +158,7 @@ def test_option_of_another_method_is_an_error(capsys):
     (["eval"], "give --adapter DIR"),
     (["eval", "--adapter", "no/such/dir"], "adapter directory no/such/dir does not exist"),
     (["merge", "--adapter", ".", "--out", "x"], "not a `peftjax train --out` directory"),
+    (["generate", "--prompt", "x", "--chat", "--raw"], "--chat and --raw contradict each other"),
 ])
 def test_user_errors_are_one_line(capsys, argv, message):
   line = one_error(capsys, *argv)
@@ -121,17 +166,22 @@ def test_user_errors_are_one_line(capsys, argv, message):
 
 
 def test_export_and_merge_refuse_what_they_cannot_write(capsys, tmp_path):
-  for method in ("bitfit", "prompt"):
+  for method in ("bitfit", "prompt", "adapters"):
     d = tmp_path / method
     (d / "adapter" / "manifest").mkdir(parents=True)
     (d / "run.json").write_text(json.dumps({"method": method}))
-    if method == "bitfit":
-      line = one_error(capsys, "export", "--adapter", d, "--out", tmp_path / "x")
-      assert "--method bitfit has no Hugging Face PEFT format (export writes lora, qlora" in line
-    else:
-      line = one_error(capsys, "merge", "--adapter", d, "--out", tmp_path / "x")
-      assert ("--method prompt (prompt tuning: trained soft tokens before the input) has no "
-              "merged form" in line and "use `peftjax export`" in line), line
+  line = one_error(capsys, "export", "--adapter", tmp_path / "bitfit", "--out", tmp_path / "x")
+  assert "--method bitfit has no Hugging Face PEFT format (export writes lora, qlora" in line
+  assert "`peftjax merge --adapter RUN --out DIR` writes the merged model" in line
+  line = one_error(capsys, "merge", "--adapter", tmp_path / "prompt", "--out", tmp_path / "x")
+  assert ("--method prompt (prompt tuning: trained soft tokens before the input) has no "
+          "merged form" in line and "`peftjax export --adapter RUN --out DIR`" in line), line
+  # bottleneck adapters have neither: neither command sends the user to the other
+  line = one_error(capsys, "export", "--adapter", tmp_path / "adapters", "--out", tmp_path / "x")
+  assert "no merged form either" in line and "peftjax merge" not in line, line
+  line = one_error(capsys, "merge", "--adapter", tmp_path / "adapters", "--out", tmp_path / "x")
+  assert "has no merged form" in line and "peftjax export" not in line, line
+  assert not (tmp_path / "x").exists()
 
 
 def test_internal_errors_keep_their_traceback(capsys, monkeypatch):
@@ -183,7 +233,7 @@ def test_data_file_errors(capsys, files):
 # train -> eval -> export -> merge
 # ------------------------------------------------------------------------------------------------
 
-def test_train_eval_export_merge_classification(capsys, files, tmp_path):
+def test_train_eval_export_merge_classification(capsys, files, tmp_path, caplog):
   out = tmp_path / "run"
   data = ["--data", files / "reviews.csv", "--text-column", "review", "--label-column",
           "sentiment"]
@@ -204,9 +254,12 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   assert not (out / "adapter.safetensors").exists()
 
   # eval needs nothing but the directory, and sees the same held-out split
+  caplog.clear()
   rc, stdout, err = run(capsys, "eval", "--adapter", out)
   assert rc == 0, err
   assert res["rows"][-1]["test accuracy"] in stdout and "lora (" in stdout
+  # the head comes from the adapter: no word of an initialized one
+  assert not [r for r in caplog.records if "initialized" in r.getMessage()]
 
   # HF PEFT export: LoRA + the trained head as modules_to_save
   rc, stdout, err = run(capsys, "export", "--adapter", out, "--out", tmp_path / "hf")
@@ -222,6 +275,8 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   rc, stdout, err = run(capsys, "merge", "--adapter", out, "--out", tmp_path / "merged")
   assert rc == 0, err
   merged = load_file(tmp_path / "merged" / "model.safetensors")
+  cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+  assert cfg["id2label"] == {"0": "neg", "1": "pos"} and cfg["label2id"] == {"neg": 0, "pos": 1}
   np.testing.assert_allclose(merged["classifier.weight"], tensors[
       "base_model.model.classifier.weight"], rtol=1e-6)
   base = load_file(files / "bert" / "model.safetensors")
@@ -231,7 +286,7 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path):
   # an option of another method on the same --out is refused before anything loads
   line = one_error(capsys, "train", "--model", files / "bert", "--method", "lora", "--rank", "4",
                    *data, "--steps", "2", "--batch-size", "4", "--seq-len", "8", "--out", out)
-  assert "holds checkpoints of another run (options differ" in line
+  assert "holds a finished run of another configuration (options differ" in line
 
 
 def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
@@ -258,11 +313,14 @@ def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
   assert rc == 0 and stdout.strip(), err
 
 
-def test_eval_base_model_on_a_file(capsys, files):
+def test_eval_base_model_on_a_file(capsys, files, caplog):
   rc, stdout, err = run(capsys, "eval", "--model", files / "bert", "--data", files / "reviews.csv",
                         "--text-column", "review", "--label-column", "sentiment")
   assert rc == 0, err
   assert "base model (untrained head)" in stdout and "test accuracy" in stdout
+  # no adapter: the head really is a fresh one, and the loader says so
+  assert any("initialized" in r.getMessage() and "classifier" in r.getMessage()
+             for r in caplog.records)
 
 
 def test_mixed_precision_run_evaluates_as_trained(capsys, files, tmp_path):
@@ -279,3 +337,195 @@ def test_mixed_precision_run_evaluates_as_trained(capsys, files, tmp_path):
   assert rc == 0 and ppl in bf16, err
   rc, f32, err = run(capsys, "eval", "--adapter", out, "--compute-dtype", "float32")
   assert rc == 0 and f32 != bf16, err  # f32 activations: (slightly) different figures
+
+
+# ------------------------------------------------------------------------------------------------
+# the user's files: never clobbered, refused outputs are one line naming the path
+# ------------------------------------------------------------------------------------------------
+
+def test_merge_and_export_never_write_over_other_files(capsys, files, lm_run, tmp_path):
+  _, out = lm_run
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "config.json").write_text('{"mine": true}')
+  model, before = files / "llama", hashes(files / "llama")
+  run_before = hashes(out)
+  for cmd in ("merge", "export"):
+    line = one_error(capsys, cmd, "--adapter", out, "--out", mine)
+    assert f"--out {mine} is a directory that holds other files (config.json)" in line, line
+    assert "--overwrite" in line
+    line = one_error(capsys, cmd, "--adapter", out, "--out", model)  # the base model itself
+    assert f"--out {model} is the base model {model}, which this command reads" in line, line
+    line = one_error(capsys, cmd, "--adapter", out, "--out", out / "adapter")
+    assert f"is inside the run directory {out}" in line, line
+    line = one_error(capsys, cmd, "--adapter", out, "--out", mine / "config.json")
+    assert line.endswith(f"--out {mine / 'config.json'} is a file, not a directory; give a "
+                         f"directory"), line
+  assert hashes(model) == before and hashes(out) == run_before
+  assert (mine / "config.json").read_text() == '{"mine": true}'
+  # its own output again is fine (no --overwrite needed); other files only with --overwrite
+  for _ in range(2):
+    rc, stdout, err = run(capsys, "merge", "--adapter", out, "--out", tmp_path / "merged")
+    assert rc == 0, err
+  assert json.loads((tmp_path / "merged" / "peftjax_output.json").read_text())["command"] == \
+      "merge"
+  line = one_error(capsys, "export", "--adapter", out, "--out", tmp_path / "merged")
+  assert "holds other files" in line  # a merge's directory is not an export's
+  rc, stdout, err = run(capsys, "export", "--adapter", out, "--out", mine, "--overwrite")
+  assert rc == 0 and (mine / "adapter_config.json").is_file(), err
+  assert (mine / "config.json").read_text() == '{"mine": true}'  # other names stay
+
+
+def test_unwritable_out_is_one_line(capsys, lm_run, tmp_path, monkeypatch):
+  _, out = lm_run
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  if os.geteuid() == 0:  # root may write anywhere: play an unwritable directory
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, m: real(p, m) and Path(p) != locked)
+  else:
+    locked.chmod(0o555)
+  line = one_error(capsys, "merge", "--adapter", out, "--out", locked / "m")
+  assert line.endswith(f"--out {locked / 'm'}: cannot write into {locked} (permission denied)")
+  line = one_error(capsys, "train", "--model", "minilm", "--out", locked / "run")
+  assert "cannot write into" in line
+  assert not any(locked.iterdir())
+
+
+def test_train_out_refuses_other_files_and_other_finished_runs(capsys, files, lm_run, tmp_path):
+  d = tmp_path / "run"
+  argv = copy_run(lm_run, d)
+  shutil.rmtree(d / "checkpoints")  # the user deleted the checkpoints of the finished run
+  before = hashes(d)
+  other = [str(a) for a in argv[:argv.index("--method") + 1]] + ["ia3"] + [
+      str(a) for a in argv[argv.index("--data"):]]
+  line = one_error(capsys, *other)
+  assert line.startswith(f"peftjax train: error: {d} holds a finished run of another "
+                         f"configuration (method, options differ; it has method='lora'"), line
+  assert "--overwrite" in line and hashes(d) == before
+  # a directory of other files, a file, the model directory: refused before anything loads
+  user = tmp_path / "user"
+  user.mkdir()
+  (user / "notes.txt").write_text("mine")
+  line = one_error(capsys, *other[:-1], user)
+  assert f"--out {user} holds other files (notes.txt) and no run.json" in line, line
+  line = one_error(capsys, *other[:-1], user / "notes.txt")
+  assert f"--out {user / 'notes.txt'} is a file, not a directory" in line
+  line = one_error(capsys, *other[:-1], files / "llama")
+  assert "is the model directory" in line
+  assert (user / "notes.txt").read_text() == "mine" and hashes(d) == before
+
+
+def test_retry_of_a_run_that_never_saved_a_step_and_runs_work_from_anywhere(
+    capsys, files, tmp_path, monkeypatch):
+  """Relative --model/--data: run.json stores them absolute, so the run evaluates from another
+  directory; a failed first try (run.json, no checkpoint) does not block the corrected one."""
+  work = tmp_path / "work"
+  shutil.copytree(files / "llama", work / "models" / "tiny")
+  shutil.copy(files / "text.txt", work / "text.txt")
+  (work / "run" / "checkpoints").mkdir(parents=True)
+  (work / "run" / "run.json").write_text(json.dumps({"method": "lora", "batch_size": 512}))
+  (work / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+  monkeypatch.chdir(work)
+  rc, stdout, err = run(capsys, "train", "--model", "models/tiny", "--method", "ia3", "--data",
+                        "text.txt", "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+                        "--out", "run")
+  assert rc == 0, err
+  rec = json.loads((work / "run" / "run.json").read_text())
+  assert (rec["model"], rec["data"]) == (str(work / "models" / "tiny"), str(work / "text.txt"))
+  assert '"loss": 9.0' not in (work / "run" / "metrics.jsonl").read_text()  # started over
+  ppl = json.loads((work / "run" / "results.json").read_text())["rows"][-1]["perplexity"]
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  rc, stdout, err = run(capsys, "eval", "--adapter", work / "run")
+  assert rc == 0 and ppl in stdout, err
+  # a run.json of peftjax 0.1 (relative paths, no cwd): a clear error from elsewhere
+  rec.update(model="models/tiny", data="text.txt")
+  del rec["cwd"]
+  (work / "run" / "run.json").write_text(json.dumps(rec))
+  line = one_error(capsys, "eval", "--adapter", work / "run")
+  assert (f"{work / 'run' / 'run.json'} records --model models/tiny, a path relative to the "
+          f"directory `peftjax train` ran in, and it is not found from here") in line, line
+  # with the directory recorded, relative paths resolve against it
+  (work / "run" / "run.json").write_text(json.dumps({**rec, "cwd": str(work)}))
+  rc, stdout, err = run(capsys, "eval", "--adapter", work / "run")
+  assert rc == 0 and ppl in stdout, err
+  # a model moved away: named
+  (work / "run" / "run.json").write_text(json.dumps(
+      {**rec, "model": str(work / "models" / "tiny"), "data": str(work / "text.txt")}))
+  (work / "models" / "tiny").rename(work / "models" / "moved")
+  line = one_error(capsys, "eval", "--adapter", work / "run")
+  assert f"records --model {work / 'models' / 'tiny'}, which does not exist (moved" in line, line
+
+
+def test_resume_falls_back_to_the_last_checkpoint_that_reads(capsys, lm_run, tmp_path):
+  d = tmp_path / "run"
+  argv = copy_run(lm_run, d)
+  adapter = adapter_arrays(d / "adapter")
+  for f in (d / "checkpoints" / "2").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  rc, stdout, err = run(capsys, *argv)
+  assert rc == 0, err
+  assert f"checkpoint {d / 'checkpoints' / '2'} does not read completely" in err
+  assert f"resuming from step 1 ({d / 'checkpoints' / '1'})" in err
+  assert "Traceback" not in err and "Event loop is closed" not in err
+  assert (d / "checkpoints" / "2.corrupt").is_dir() and (d / "checkpoints" / "2").is_dir()
+  assert "baseline from" in err  # the base model is not evaluated again on resume
+  # step 2 again from step 1: the same adapter as the uninterrupted run's, bit for bit
+  for a, b in zip(adapter, adapter_arrays(d / "adapter"), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_eval_of_a_truncated_adapter_is_one_line(capsys, lm_run, tmp_path):
+  d = tmp_path / "run"
+  copy_run(lm_run, d)
+  for f in (d / "adapter").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  line = one_error(capsys, "eval", "--adapter", d)
+  assert line.startswith(f"peftjax eval: error: {d / 'adapter'}: the adapter data does not read "
+                         f"completely (truncated or corrupt files?)"), line
+
+
+def test_a_data_file_that_is_not_utf8_is_named(capsys, files, tmp_path):
+  bad = tmp_path / "latin1.csv"
+  bad.write_bytes("review,sentiment\nvery good,pos\nmal jou\xe9,neg\n".encode("latin-1"))
+  line = one_error(capsys, "train", "--model", files / "bert", "--data", bad, "--text-column",
+                   "review", "--label-column", "sentiment", "--steps", "1")
+  assert line == (f"peftjax train: error: {bad}: not UTF-8 text: byte 0xe9 at offset 38 (line 3) "
+                  f"does not decode; data files are read as UTF-8: save it as UTF-8 (e.g. iconv "
+                  f"-f latin1 -t utf-8)")
+
+
+def test_sigint_during_training_saves_and_says_how_to_resume(files, tmp_path):
+  """The real command in a subprocess: Ctrl-C after the first checkpoint finishes the step, writes
+  a checkpoint and the adapter, prints one line and exits 130 without a traceback."""
+  out = tmp_path / "run"
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [
+      p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+  argv = [sys.executable, "-m", "peftjax.cli", "train", "--model", str(files / "llama"),
+          "--method", "lora", "--rank", "2", "--data", str(files / "text.txt"), "--steps",
+          "100000", "--batch-size", "2", "--seq-len", "8", "--save-every", "5", "--out", str(out)]
+  proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "5").is_dir():
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err, err
+  last = err.strip().splitlines()[-1]
+  step = int(last.split(" at step ")[1].split("/")[0])
+  assert last == (f"peftjax train: SIGINT at step {step}/100000: saved checkpoint "
+                  f"{out / 'checkpoints' / str(step)} and the adapter to {out / 'adapter'}; run "
+                  f"the same command again to resume"), last
+  assert step >= 5 and (out / "checkpoints" / str(step)).is_dir()
+  assert (out / "adapter" / "manifest").is_dir()

@@ -209,9 +209,25 @@ def test_nothing_matched_shows_paths():
     peftjax.ia3.apply({"enc": {"fc": {"kernel": jnp.ones((4, 4))}}})
 
 
-def test_kernel_in_both_sets(llama):
-  with pytest.raises(ValueError, match=r"layers_0/mlp/down_proj/kernel is chosen by both"):
-    peftjax.ia3.apply(llama[1], targets=r".*/(k_proj|down_proj)/kernel")
+def test_targets_that_match_nothing_raise_instead_of_falling_back(llama):
+  for kw in (dict(targets=["nonexistent"]), dict(feedforward=["nonexistent"]),
+             dict(targets=r".*/nope/kernel", feedforward=[])):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"(?s)IA3 {name}=.*matched no kernel.*layers_0/"):
+      peftjax.ia3.apply(llama[1], **kw)
+
+
+def test_feedforward_is_a_subset_of_targets_as_in_hf_peft(llama):
+  """HF PEFT's convention: feedforward_modules inside target_modules; those scale their input."""
+  tuned = peftjax.ia3.apply(llama[1], targets=["k_proj", "v_proj", "down_proj"],
+                            feedforward=["down_proj"])
+  layer = tuned["layers_0"]
+  assert layer["mlp"]["down_proj"]["kernel"].side == "in"
+  assert layer["self_attn"]["k_proj"]["kernel"].side == "out"
+  assert not peftjax.is_node(layer["mlp"]["up_proj"]["kernel"])
+  # a kernel in both (here by the default feedforward) gets one vector, on its input
+  tuned = peftjax.ia3.apply(llama[1], targets=r".*/(k_proj|down_proj)/kernel")
+  assert tuned["layers_0"]["mlp"]["down_proj"]["kernel"].side == "in"
 
 
 def test_twice_not_a_kernel_and_layout(llama):

@@ -106,6 +106,66 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _truncate(directory: pathlib.Path):
+  """Cuts every array data file under ``directory`` to half its size (a disk full mid-write)."""
+  files = [f for f in directory.rglob("*") if f.is_file() and f.parent.name == "d"]
+  assert files
+  for f in files:
+    with open(f, "r+b") as fh:
+      fh.truncate(f.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_and_the_resumed_run_is_bit_identical(tmp_path, sig):
+  import signal
+  from peftjax.train import TrainInterrupted
+  from peftjax.train.checkpoint import TrainCheckpointer
+  tuned, loss, tokens = _setup()
+  ref = train(loss, tuned, _loader(tokens), _cfg())
+  signum = getattr(signal, sig)
+
+  def kill_at_4(state, metrics):
+    if int(state.step) == 4:
+      os.kill(os.getpid(), signum)  # arrives mid-run; the trainer finishes the step first
+  ckpt = tmp_path / "ckpt"
+  with pytest.raises(TrainInterrupted) as e:
+    train(loss, tuned, _loader(tokens), _cfg(checkpoint_dir=str(ckpt), save_every=100,
+                                              handle_signals=True), on_step=kill_at_4)
+  assert (e.value.signum, e.value.step, e.value.checkpoint) == (signum, 4, ckpt / "4")
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  with TrainCheckpointer(ckpt) as c:
+    assert c.all_steps() == [4]  # save_every=100: only the interrupted step was saved
+  res = train(loss, tuned, _loader(tokens), _cfg(checkpoint_dir=str(ckpt), save_every=100))
+  assert res.start_step == 4
+  for a, b in zip(_trainable(ref.params), _trainable(res.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_walks_back_past_a_checkpoint_that_does_not_read(tmp_path, capsys):
+  from peftjax.io.checkpoint import CorruptCheckpoint
+  from peftjax.train.checkpoint import TrainCheckpointer
+  tuned, loss, tokens = _setup()
+  ref = train(loss, tuned, _loader(tokens), _cfg())
+  ckpt = tmp_path / "ckpt"
+  train(loss, tuned, _loader(tokens), _cfg(checkpoint_dir=str(ckpt), save_every=2, steps=6,
+                                           keep_checkpoints=3))
+  _truncate(ckpt / "6")
+  with TrainCheckpointer(ckpt) as c, pytest.raises(CorruptCheckpoint, match=r"6: the training "
+                                                    r"state does not read completely"):
+    c.restore(tuned, step=6)
+  capsys.readouterr()
+  res = train(loss, tuned, _loader(tokens), _cfg(checkpoint_dir=str(ckpt), save_every=2))
+  err = capsys.readouterr().err
+  assert res.start_step == 4 and "does not read completely" in err and \
+      f"resuming from step 4 ({ckpt / '4'})" in err, err
+  assert "Event loop is closed" not in err
+  assert (ckpt / "6.corrupt").is_dir()  # set aside, not deleted; the rerun saved a new step 6
+  with TrainCheckpointer(ckpt) as c:
+    assert c.all_steps()[-1] == 6
+  for a, b in zip(_trainable(ref.params), _trainable(res.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_resume_with_a_plain_iterator_skips_the_consumed_batches(tmp_path):
   tuned, loss, tokens = _setup()
   batches = [{"input_ids": tokens[i * 36:(i + 1) * 36].reshape(4, 9)} for i in range(12)]

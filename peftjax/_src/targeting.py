@@ -6,10 +6,12 @@ dropped, so NNX state paths read like linen ones). A *target spec* is one of
 
 * ``None``: the default, every dense kernel of attention and MLP blocks (HF PEFT's "all-linear"):
   a floating leaf named ``kernel`` (or a node there) with ``ndim >= 2``, excluding
-  embeddings, norms and output heads (see :data:`DEFAULT_EXCLUDE`);
+  embeddings, norms and output heads (see :data:`DEFAULT_EXCLUDE`, and a top-level module named
+  as an output, :data:`DEFAULT_EXCLUDE_TOP`: ``out/kernel``, but not ``attn/out/kernel``);
 * a ``str``: a regular expression that must match the whole path (``re.fullmatch``);
-* a list/tuple of module names: kernels whose path contains one of the names as a component
-  (``["q_proj", "v_proj"]``);
+* a list/tuple of names: kernels whose path contains one of the names as a module
+  (``["q_proj", "v_proj"]`` -> ``.../q_proj/kernel``), and kernel-like leaves that are
+  themselves named so (``["w1"]`` -> ``w1`` of ``{"w1": ..., "w2": ...}``);
 * a callable ``(path: str, leaf) -> bool``.
 
 A spec that selects nothing is an error naming the spec and showing a few real paths.
@@ -32,6 +34,11 @@ Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 #: target. (``MultiHeadDotProductAttention_0`` is not a head; ``lm_head`` and ``head`` are.)
 DEFAULT_EXCLUDE = re.compile(
     r"(?i).*(embed|norm|pooler|classifier|lm_head).*|wte|wpe|ln_.*|score|head|.*_head|head_.*")
+
+
+#: A top-level module (the first path component, after a ``params`` wrapper) so named is a
+#: model's output layer, not a projection inside a block: never a default target.
+DEFAULT_EXCLUDE_TOP = re.compile(r"(?i)out|output|logits|readout")
 
 
 def _key_name(k) -> str | None:
@@ -88,8 +95,12 @@ def is_kernel_like(leaf) -> bool:
 
 def default_target(path: str, leaf) -> bool:
   parts = path.split("/")
+  modules = parts[:-1]
+  top = modules[1:2] if modules[:1] == ["params"] else modules[:1]
   return (parts[-1] == "kernel" and (is_kernel_like(leaf) or is_node(leaf)) and
-          not any(DEFAULT_EXCLUDE.fullmatch(c) for c in parts[:-1]))
+          not any(DEFAULT_EXCLUDE.fullmatch(c) for c in modules) and
+          not (len(modules) == 1 + (modules[:1] == ["params"]) and
+               any(DEFAULT_EXCLUDE_TOP.fullmatch(c) for c in top)))
 
 
 def compile_targets(targets: Targets) -> Callable[[str, Any], bool]:
@@ -110,9 +121,13 @@ def compile_targets(targets: Targets) -> Callable[[str, Any], bool]:
       raise TypeError(f"targets must be a regex, a non-empty list of module names or a callable "
                       f"(path, leaf) -> bool; got {targets!r}")
     wanted = set(names)
-    return lambda path, leaf: (path.rsplit("/", 1)[-1] == "kernel" and
-                               (is_kernel_like(leaf) or is_node(leaf)) and
-                               bool(wanted.intersection(path.split("/")[:-1])))
+
+    def by_name(path, leaf):
+      parts = path.split("/")
+      return ((is_kernel_like(leaf) or is_node(leaf)) and
+              (parts[-1] in wanted or
+               parts[-1] == "kernel" and bool(wanted.intersection(parts[:-1]))))
+    return by_name
   raise TypeError(f"targets must be None, a regex string, a list of module names or a callable; "
                   f"got {type(targets).__name__}: {targets!r}")
 
@@ -129,8 +144,16 @@ def select(tree, targets: Targets, *, what: str = "targets") -> list[tuple[str, 
   pairs = leaves_with_paths(tree)
   chosen = [(p, l) for p, l in pairs if pred(p, l)]
   if not chosen:
-    raise ValueError(f"{what}={targets!r} matched no leaf of the parameter tree. Some of its "
-                     f"paths:\n{describe_paths(pairs)}")
+    hint = ""
+    if targets is None:
+      ex = [p.rsplit("/", 1)[-1] for p, l in pairs if is_kernel_like(l)][:2] or ["w1"]
+      hint = (f" The default picks the kernels named `kernel` inside attention/MLP blocks; for "
+              f"other trees pass {what}=: a regex over these paths (e.g. {what}=r\".*{ex[0]}\"), "
+              f"a list of names (matched against each path's components: a module whose "
+              f"`kernel` to take, or the leaf's own name, e.g. {what}={ex!r}) or a callable "
+              f"(path, leaf) -> bool.")
+    raise ValueError(f"{what}={targets!r} matched no leaf of the parameter tree.{hint} Some of "
+                     f"its paths:\n{describe_paths(pairs)}")
   return chosen
 
 

@@ -45,8 +45,9 @@ from peftjax._src.partition import combine, split
 from peftjax._src.tuned import SLOTS, as_tuned
 from peftjax.io.hf_peft import safe_join
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "adapter_manifest", "base_fingerprint", "save_adapter",
-           "restore_adapter", "read_manifest", "TrainCheckpointer"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CorruptCheckpoint", "adapter_manifest",
+           "base_fingerprint", "save_adapter", "restore_adapter", "read_manifest",
+           "TrainCheckpointer"]
 
 FORMAT = "peftjax-adapter"
 #: Written by this peftjax: node types by ``type_id``.
@@ -62,6 +63,48 @@ def __getattr__(name):
     from peftjax.train import checkpoint as _train_ckpt
     return _train_ckpt.TrainCheckpointer
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint's files do not read completely (truncated, corrupt); the message names the
+  directory. A ``ValueError``, as the other checkpoint errors."""
+
+
+def _short(e: BaseException, limit: int = 240) -> str:
+  """An exception's message on one line, without TensorStore's spec dump, at most ``limit``."""
+  text = " ".join(str(e).split())
+  text = text.split(" [tensorstore_spec", 1)[0]
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _quiet_closed_loop_noise():
+  """After a failed TensorStore read, reads still in flight complete on orbax's closed event loop
+  and report ``RuntimeError: Event loop is closed`` through ``sys.unraisablehook``, one
+  traceback each; drop exactly those (everything else still reaches the previous hook)."""
+  import sys
+  previous = sys.unraisablehook
+  if getattr(previous, "_peftjax_quiet", False):
+    return
+
+  def hook(u):
+    if u.exc_type is RuntimeError and "Event loop is closed" in str(u.exc_value):
+      return
+    previous(u)
+  hook._peftjax_quiet = True
+  sys.unraisablehook = hook
+
+
+def _read_checked(directory, what: str, read):
+  """``read()``, its failure to read stored files (TensorStore's ``ValueError``, an ``OSError``,
+  undecodable JSON) as :class:`CorruptCheckpoint` naming ``directory`` and ``what``."""
+  try:
+    return read()
+  except CorruptCheckpoint:
+    raise
+  except (ValueError, OSError) as e:
+    _quiet_closed_loop_noise()
+    raise CorruptCheckpoint(f"{directory}: the {what} does not read completely (truncated or "
+                            f"corrupt files?): {_short(e)}") from e
 
 
 def _version() -> str:
@@ -471,7 +514,7 @@ def read_manifest(path: str | os.PathLike, *, name: Optional[str] = None) -> dic
   try:
     manifest = json.loads(f.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{f}: corrupt manifest ({e})") from None
+    raise CorruptCheckpoint(f"{f}: corrupt manifest ({e})") from None
   _check_manifest(manifest, str(directory))
   return manifest
 
@@ -510,6 +553,8 @@ def restore_adapter(path: str | os.PathLike, target, *, name: Optional[str] = No
   Raises:
     ValueError: a different base model (naming the differing parameters), node types or configs
       that differ from the target's, not a checkpoint.
+    CorruptCheckpoint: files that do not read completely (truncated, corrupt), naming the
+      directory (a ``ValueError``).
   """
   directory = safe_join(path, name, "checkpoint name")
   manifest = read_manifest(directory)
@@ -518,6 +563,6 @@ def restore_adapter(path: str | os.PathLike, target, *, name: Optional[str] = No
   template = _template(manifest, target, where)
   abstract = _abstract_adapter(manifest, template, where, sharding)
   with _checkpointer() as ckptr:
-    out = ckptr.restore(directory.absolute(), args=ocp.args.Composite(
-        adapter=ocp.args.StandardRestore(abstract)))
+    out = _read_checked(directory, "adapter data", lambda: ckptr.restore(
+        directory.absolute(), args=ocp.args.Composite(adapter=ocp.args.StandardRestore(abstract))))
   return _fill(template, out["adapter"])

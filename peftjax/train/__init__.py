@@ -40,8 +40,8 @@ import optax
 
 from peftjax._src.partition import combine, optimizer, split
 
-__all__ = ["TrainConfig", "TrainState", "TrainResult", "make_optimizer", "make_train_step",
-           "train", "evaluate"]
+__all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainInterrupted", "make_optimizer",
+           "make_train_step", "train", "evaluate"]
 
 
 @dataclasses.dataclass
@@ -66,6 +66,9 @@ class TrainConfig:
   tensorboard: bool = True           # write scalars to out_dir when a writer is importable
   # learning-rate multipliers of node fields, {"type_id.field": factor} (peftjax.optimizer)
   field_lr_scales: Optional[dict] = None
+  handle_signals: bool = False       # SIGINT/SIGTERM: finish the step, checkpoint, raise
+                                     # TrainInterrupted (main thread only)
+  label: str = "train"               # the progress bar's label
 
   def __post_init__(self):
     for name in ("steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
@@ -119,6 +122,60 @@ class TrainResult(NamedTuple):
   history: list          # one dict per logged step
   eval_metrics: dict     # last evaluation
   start_step: int = 0    # the step this call started from (> 0 when resumed)
+
+
+class TrainInterrupted(KeyboardInterrupt):
+  """SIGINT or SIGTERM stopped :func:`train` (``TrainConfig.handle_signals``) after a step.
+
+  The step in progress was finished and, with ``TrainConfig.checkpoint_dir``, a checkpoint of it
+  written (committed before this is raised), so the same ``train`` call resumes from it. A
+  ``KeyboardInterrupt``: code that does not know it stops as on Ctrl-C.
+
+  Attributes:
+    signum: the signal (``signal.SIGINT``, ``signal.SIGTERM``).
+    step: the steps completed.
+    result: a :class:`TrainResult` of the training so far (no evaluation).
+    checkpoint: the checkpoint's step directory, or None without ``checkpoint_dir``.
+  """
+
+  def __init__(self, signum: int, step: int, result: "TrainResult", checkpoint=None):
+    super().__init__(f"signal {signum} at step {step}")
+    self.signum, self.step, self.result, self.checkpoint = signum, step, result, checkpoint
+
+
+class _Signals:
+  """While active, SIGINT/SIGTERM set ``self.signum`` instead of interrupting; a second signal
+  interrupts as usual (``KeyboardInterrupt``). Only in the main thread (elsewhere: inactive)."""
+
+  def __init__(self, active: bool):
+    import signal
+    import threading
+    self.signum, self._old = None, {}
+    if not active or threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      self.restore()
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"\n{_signal_name(signum)}: finishing the current step, then saving", file=sys.stderr)
+
+  def restore(self):
+    import signal
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
+
+
+def _signal_name(signum: int) -> str:
+  import signal
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return f"signal {signum}"
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int = 1):
@@ -258,14 +315,20 @@ def _restore_data(data, position, step: int):
     next(data)
 
 
-def evaluate(metric_fn: Callable, params, batches: Iterable[dict]) -> dict:
+def evaluate(metric_fn: Callable, params, batches: Iterable[dict], *,
+             label: Optional[str] = None) -> dict:
   """Averages ``metric_fn(params, batch) -> dict of (sum, count)`` pairs over ``batches``.
 
   ``metric_fn`` returns, per metric name, a pair ``(sum, count)`` for the batch; the result is
   ``total_sum / total_count`` per name (so padding and unequal batches are weighted correctly).
+  With ``label``, a progress bar so labelled counts the batches (on stderr).
   """
   fn = jax.jit(metric_fn)
   sums: dict = {}
+  if label is not None:
+    from tqdm.auto import tqdm
+    batches = tqdm(batches, desc=label, unit="batch", dynamic_ncols=True, file=sys.stderr,
+                   leave=False, total=len(batches) if hasattr(batches, "__len__") else None)
   for batch in batches:
     for k, (s, c) in fn(params, jax.tree.map(jnp.asarray, batch)).items():
       ps, pc = sums.get(k, (0.0, 0.0))
@@ -303,7 +366,12 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
   state, PRNG key, step and the data position: ``data.state()`` for the loaders of
   :mod:`peftjax.data`, else the number of batches taken); if the directory already holds a
   checkpoint, training resumes from it (``data.restore(...)``, or skipping that many batches of a
-  plain iterator) and continues exactly as the uninterrupted run would have.
+  plain iterator) and continues exactly as the uninterrupted run would have. A checkpoint whose
+  files do not read completely is set aside (``<step>.corrupt``) and the previous one used.
+
+  With ``config.handle_signals`` (main thread), SIGINT/SIGTERM finish the current step, write a
+  checkpoint of it (with ``checkpoint_dir``) and raise :class:`TrainInterrupted`; a second signal
+  interrupts at once.
 
   Returns:
     :class:`TrainResult` with the trained full tree, the final state, the logged history and
@@ -321,6 +389,24 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
   finally:
     if ckpt is not None:
       ckpt.close()
+
+
+def _restore_latest(ckpt, params, opt_template):
+  """The newest checkpoint in ``ckpt`` that reads completely, or None if there is none.
+
+  A checkpoint whose files do not read (truncated, corrupt: :class:`CorruptCheckpoint`) is set
+  aside as ``<step>.corrupt`` (kept, not deleted) and the one before it tried; each is reported
+  on stderr. Any other error (another base model, another optimizer) propagates.
+  """
+  from peftjax.io.checkpoint import CorruptCheckpoint
+  for step in reversed(ckpt.all_steps()):
+    try:
+      return ckpt.restore(params, opt_template, step=step)
+    except CorruptCheckpoint as e:
+      aside = ckpt.set_aside(step)
+      print(f"checkpoint {ckpt.directory / str(step)} does not read completely ({e}); moved it "
+            f"to {aside.name} and trying the one before", file=sys.stderr)
+  return None
 
 
 #: (loss_fn, optimizer settings, tree structure) -> (tx, jitted step): repeated ``train`` calls
@@ -351,14 +437,17 @@ def _compiled_step(loss_fn, config: TrainConfig, params):
 def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_data, state,
            on_step) -> TrainResult:
   trainable, frozen = split(_place_params(params, placement))
-  if state is None and ckpt is not None and ckpt.latest_step() is not None:
+  saved = None
+  if state is None and ckpt is not None and ckpt.all_steps():
     template = tx.init(trainable)
-    saved = ckpt.restore(params, template)  # a peftjax.train.checkpoint.Checkpoint
+    saved = _restore_latest(ckpt, params, template)
+  if saved is not None:
     trainable = split(_place_params(saved.params, placement))[0]
     state = TrainState(jnp.asarray(saved.step, jnp.int32), trainable,
                        _like(saved.opt_state, template), saved.rng)
     _restore_data(data, saved.data_position, saved.step)
-    print(f"resuming from step {saved.step} ({ckpt.directory})", file=sys.stderr)
+    print(f"resuming from step {saved.step} ({ckpt.directory / str(saved.step)})",
+          file=sys.stderr)
   elif state is None:
     # The step donates its state; copy so the caller's arrays (shared with other trees) survive.
     trainable = jax.tree.map(jnp.copy, trainable)
@@ -376,9 +465,10 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
   start = int(state.step)
   if config.progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               file=sys.stderr)
+    bar = tqdm(total=config.steps, initial=start, desc=config.label, unit="step",
+               dynamic_ncols=True, file=sys.stderr)
   t0, tokens = time.perf_counter(), 0
+  saved_step = start if saved is not None else None
 
   def log(record):
     history.append(record)
@@ -391,11 +481,17 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
           writer.add_scalar(k if k.startswith("eval_") else f"train/{k}", v, record["step"])
 
   def save(step):
+    nonlocal saved_step
     # Copies: the next step donates the state's buffers while an async save may still read them.
     tree = jax.tree.map(jnp.copy, combine(state.trainable, frozen))
     ckpt.save(step, tree, jax.tree.map(jnp.copy, state.opt_state), rng=jnp.copy(state.key),
               data_position=_data_position(data, step))
+    saved_step = step
 
+  def eval_label():
+    return f"{config.label} eval" if config.progress else None
+
+  signals = _Signals(config.handle_signals)
   try:
     for i in range(start, config.steps):
       batch = next(data)
@@ -417,14 +513,33 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
           on_step(state, host)
       if bar is not None:
         bar.update(1)
+      if signals.signum is not None:
+        break
       if eval_fn is not None and eval_data is not None and config.eval_every and \
           step % config.eval_every == 0 and step != config.steps:
-        eval_metrics = evaluate(eval_fn, combine(state.trainable, frozen), eval_data())
+        eval_metrics = evaluate(eval_fn, combine(state.trainable, frozen), eval_data(),
+                                label=eval_label())
         log({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+    signals.restore()
+    if bar is not None:  # closed before the evaluation: its rate is the training steps'
+      bar.close()
+      bar = None
+    if signals.signum is not None:
+      step = int(state.step)
+      where = None
+      if ckpt is not None:
+        if saved_step != step:
+          save(step)
+        ckpt.wait_until_finished()
+        where = ckpt.directory / str(step)
+      raise TrainInterrupted(signals.signum, step, TrainResult(
+          combine(state.trainable, frozen), state, history, eval_metrics, start), where)
     if eval_fn is not None and eval_data is not None:
-      eval_metrics = evaluate(eval_fn, combine(state.trainable, frozen), eval_data())
+      eval_metrics = evaluate(eval_fn, combine(state.trainable, frozen), eval_data(),
+                              label=eval_label())
       log({"step": int(state.step), **{f"eval_{k}": v for k, v in eval_metrics.items()}})
   finally:
+    signals.restore()
     if bar is not None:
       bar.close()
     if log_file:

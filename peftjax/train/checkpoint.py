@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from peftjax.io.checkpoint import (_abstract_adapter, _adapter_arrays, _check_base,
-                                   _check_manifest, _fill, _template, _version, adapter_manifest)
+from peftjax.io.checkpoint import (CorruptCheckpoint, _abstract_adapter, _adapter_arrays,
+                                   _check_base, _check_manifest, _fill, _read_checked, _template,
+                                   _version, adapter_manifest)
 
-__all__ = ["Checkpoint", "TrainCheckpointer"]
+__all__ = ["Checkpoint", "CorruptCheckpoint", "TrainCheckpointer"]
 
 
 class Checkpoint(NamedTuple):
@@ -122,6 +123,20 @@ class TrainCheckpointer:
     """Every committed step, ascending."""
     return sorted(self._manager.all_steps())
 
+  def set_aside(self, step: int) -> Path:
+    """Renames the step directory of ``step`` to ``<step>.corrupt`` (``.corrupt-2``, ... if that
+    exists), so that it no longer counts as a checkpoint and nothing is deleted; returns the new
+    path."""
+    self._manager.wait_until_finished()
+    src = self.directory / str(step)
+    dst, n = self.directory / f"{step}.corrupt", 1
+    while dst.exists():
+      n += 1
+      dst = self.directory / f"{step}.corrupt-{n}"
+    src.rename(dst)
+    self._manager.reload()
+    return dst
+
   # -- save / restore ----------------------------------------------------------------------------
   def save(self, step: int, params, opt_state=None, *, rng=None, data_position: Any = None,
            force: bool = False) -> bool:
@@ -193,6 +208,8 @@ class TrainCheckpointer:
     Raises:
       ValueError: no checkpoint, an unknown step, a different base model, an optimizer state
         template whose leaves differ from the saved ones (naming the leaf).
+      CorruptCheckpoint: the step's files do not read completely (truncated, corrupt); a
+        ``ValueError`` naming the step directory.
     """
     self._manager.wait_until_finished()
     steps = self._manager.all_steps()
@@ -203,7 +220,11 @@ class TrainCheckpointer:
     elif step not in steps:
       raise ValueError(f"{self.directory}: no checkpoint for step {step}; have {sorted(steps)}")
     where = f"{self.directory} step {step}"
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    step_dir = self.directory / str(step)
+    meta = _read_checked(step_dir, "checkpoint record", lambda: self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    if not isinstance(meta, dict) or not {"manifest", "opt_state", "rng", "step"} <= set(meta):
+      raise CorruptCheckpoint(f"{step_dir}: the checkpoint record is incomplete")
     manifest = meta["manifest"]
     _check_manifest(manifest, where)
     _check_base(manifest, params, where)
@@ -238,8 +259,8 @@ class TrainCheckpointer:
       r = meta["rng"]
       abstract["rng"] = jax.ShapeDtypeStruct(tuple(r["shape"]), jnp.dtype(r["dtype"]),
                                              sharding=default)
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    out = _read_checked(step_dir, "training state", lambda: self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"])
     params_out = _fill(template, out["adapter"])
     opt_out = (jax.tree_util.tree_unflatten(treedef, out["opt_state"])
                if opt_state is not None else None)
