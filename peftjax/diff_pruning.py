@@ -12,10 +12,18 @@ gates above the target ``density``, differentiable) to the loss::
       task = task_loss(peftjax.lift(model.apply)(t, batch), batch)
       return task + 10.0 * peftjax.diff_pruning.penalty(t, density=0.005)
 
+The gate logits need a much larger learning rate than the difference (which trains like full
+fine-tuning, ~1e-4): with Adam a logit moves by about the learning rate per step, so at 1e-4 no
+gate closes in a few hundred steps. Give them their own through
+``peftjax.optimizer(tx, tuned, field_lr_scales={"diff_pruning.log_alpha": gate_lr / lr})``
+(``peftjax train --method diff_pruning`` uses ``--gate-lr``, default 0.05).
+
 Projection. :func:`project` keeps the ``k`` largest entries of the gated difference
 ``z * delta`` over all targets (magnitude pruning to exactly ``k``), giving
 ``SparseDelta(w, indices, values)`` nodes that store the difference sparsely (int32 indices +
-values); their ``values`` can be fine-tuned further with the support fixed (as in the paper).
+values); their ``values`` can be fine-tuned further with the support fixed (as in the paper:
+``peftjax train`` projects after ``1 - --refine-fraction`` of the steps and trains the kept
+values for the rest, so its accuracy is the projected model's).
 ``peftjax.lift`` applies the sparse difference without forming it densely; ``peftjax.merge``
 adds it in.
 
