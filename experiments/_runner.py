@@ -198,6 +198,8 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
   if a.report:
     write(out, a, json.loads(path.read_text()).get("machine", info), results, base, final=True)
     return
+  if getattr(a, "rerun", False):  # --resume --rerun --methods A,B: keep the others, redo A and B
+    results = [r for r in results if r["name"] not in names]
   done = {r["name"] for r in results}
   logs = out / "logs" / experiment
   validation, seeds = getattr(a, "validation", 0) or 0, max(1, getattr(a, "seeds", 1) or 1)

@@ -65,6 +65,8 @@ def main(argv=None):
                        "rate from its grid (0: the grid's first rate, no sweep)")
   ap.add_argument("--seeds", type=int, default=3, help="test runs per method at the chosen rate")
   ap.add_argument("--out", default=str(_runner.RESULTS))
+  ap.add_argument("--rerun", action="store_true",
+                  help="with --resume: run the --methods again, keep the other rows")
   ap.add_argument("--report", action="store_true",
                   help="only rebuild the .md and plots from OUT/compare_classification.json")
   ap.add_argument("--resume", action="store_true",

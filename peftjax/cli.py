@@ -671,7 +671,7 @@ def cmd_train(a) -> dict:
   from peftjax.train import TrainInterrupted
   run = _run_record(a)
   method = _method(run)
-  lr = a.lr = a.lr or method.learning_rate  # results.json records the rate used
+  lr = a.lr = a.lr or method.default_learning_rate(run["options"])  # results.json: the rate used
   if a.warmup >= a.steps and a.warmup:
     a.warmup = a.steps - 1
   if run["batch_size"] % a.grad_accum:

@@ -109,7 +109,7 @@ def test_diff_pruning_gates_close_at_the_commands_learning_rates():
     ce = optax.softmax_cross_entropy_with_integer_labels(lifted(t, batch["x"]), batch["y"]).mean()
     return ce + method.penalty(t, options), {}
 
-  lr = method.learning_rate
+  lr = method.default_learning_rate(options)
   cfg = TrainConfig(steps=200, learning_rate=lr, warmup_steps=10, progress=False,
                     field_lr_scales=method.lr_scales(options, lr))
   tuned = dp.apply(teacher, targets=r".*kernel")

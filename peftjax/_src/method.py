@@ -119,7 +119,8 @@ class Method(NamedTuple):
     mergeable: whether the trained tree folds into plain weights (``peftjax.merge`` then a
       merged model directory).
     hf_peft_type: the Hugging Face PEFT ``peft_type`` it exports as, or None.
-    learning_rate: default learning rate.
+    learning_rate: default learning rate, or ``options -> rate`` when it depends on the options
+      (see :meth:`default_learning_rate`).
     model_kwargs: ``model -> dict`` of ``apply`` keywords read off the model (prefix tuning
       needs its config), or None.
     aliases: earlier names that still resolve (old run records, scripts).
@@ -137,7 +138,7 @@ class Method(NamedTuple):
   lr_scales: Optional[Callable] = None
   mergeable: bool = True
   hf_peft_type: Optional[str] = None
-  learning_rate: float = 1e-3
+  learning_rate: Any = 1e-3
   model_kwargs: Optional[Callable] = None
   aliases: tuple = ()
 
@@ -197,6 +198,11 @@ class Method(NamedTuple):
     values = self.option_values(options)
     return lambda tree: self.penalty(tree, values)
 
+
+  def default_learning_rate(self, options: Optional[dict] = None) -> float:
+    """The default learning rate for these option values."""
+    lr = self.learning_rate
+    return float(lr(self.option_values(options)) if callable(lr) else lr)
 
   def refine_steps(self, steps: int, options: Optional[dict] = None) -> int:
     """How many of ``steps`` train after :attr:`refine`'s transform (0 without a refine stage).
