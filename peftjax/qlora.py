@@ -189,6 +189,12 @@ def merge_requantized(tree):
   return new_tree, report
 
 
+#: How a model is loaded for QLoRA: attention and MLP kernels quantized to NF4 (blocks of 64,
+#: double quantization: :func:`apply`'s defaults) as they are read, embeddings, norms and the
+#: head in bfloat16 as in the paper; the float32 model is never built.
+LOAD = {"quantize": {"format": "nf4", "block_size": 64, "double_quant": True},
+        "dtype": "bfloat16"}
+
 METHOD = method_lib.Method(
     name="qlora", apply=apply, description="NF4 4-bit base (double quantization) + LoRA on top",
-    options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA")
+    options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA", load=LOAD)

@@ -219,7 +219,8 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
                         eval_limit: Optional[int] = None, scan_layers: bool = False,
                         compute_dtype=None, eval_data: Optional[str] = None,
                         text_column: str = "text", label_column: str = "label",
-                        heldout: float = 0.1, labels: Optional[list] = None) -> Task:
+                        heldout: float = 0.1, labels: Optional[list] = None,
+                        load: Optional[dict] = None) -> Task:
   """Sentence classification with an encoder and a freshly initialized classification head.
 
   Args:
@@ -235,6 +236,8 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
     text_column, label_column: the columns of the file(s).
     heldout: the held-out fraction of a file.
     labels: class names fixed before (e.g. by a training run), index = class id.
+    load: more :func:`peftjax.io.from_pretrained` keywords (a method's ``Method.load``, e.g.
+      QLoRA's ``quantize=``).
 
   Raises:
     FileNotFoundError: a missing file.
@@ -250,9 +253,9 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
     test_texts, test_y = test_texts[:eval_limit], test_y[:eval_limit]
   path = resolve_model(model)
   try:
-    m, params, tok = from_pretrained(path, task="sequence-classification", num_labels=len(names),
-                                     scan_layers=scan_layers, compute_dtype=compute_dtype,
-                                     key=jax.random.key(seed))
+    m, params, tok = from_pretrained(path, **{
+        "task": "sequence-classification", "num_labels": len(names), "scan_layers": scan_layers,
+        "compute_dtype": compute_dtype, "key": jax.random.key(seed), **(load or {})})
   except ValueError as e:
     if "not available" not in str(e):
       raise
@@ -276,13 +279,16 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
 
 def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: int = 4,
             seq_len: int = 128, seed: int = 0, eval_windows: int = 32, scan_layers: bool = True,
-            compute_dtype=None, remat: Any = False, eval_data: Optional[str] = None) -> Task:
+            compute_dtype=None, remat: Any = False, eval_data: Optional[str] = None,
+            load: Optional[dict] = None) -> Task:
   """Causal language modelling on packed windows; evaluation = held-out token NLL/perplexity.
 
   Args:
     dataset: ``"moby_dick"`` or a ``.txt`` file (its last 10% is held out unless ``eval_data``
       names another ``.txt`` file).
     eval_windows: evaluate on this many held-out windows of ``seq_len + 1`` tokens.
+    load: more :func:`peftjax.io.from_pretrained` keywords (a method's ``Method.load``, e.g.
+      QLoRA's ``quantize=``).
 
   Raises:
     FileNotFoundError: a missing file.
@@ -305,8 +311,8 @@ def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: i
     train_text, test_text = (train_text if dataset == "moby_dick" else raw,
                              Path(eval_data).read_text(encoding="utf-8"))
   from peftjax.models import LlamaForCausalLM
-  m, params, tok = from_pretrained(resolve_model(model), scan_layers=scan_layers,
-                                   compute_dtype=compute_dtype, remat=remat)
+  m, params, tok = from_pretrained(resolve_model(model), **{
+      "scan_layers": scan_layers, "compute_dtype": compute_dtype, "remat": remat, **(load or {})})
   if not isinstance(m, LlamaForCausalLM):
     raise ValueError(f"model {model}: a {type(m).__name__} is not a decoder; language modelling "
                      f"needs a causal LM (Llama family, e.g. smollm2)")

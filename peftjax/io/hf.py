@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import zlib
@@ -134,8 +133,8 @@ def _quant_targets(model, expected, specs, prefix, source, qopts: dict, scan: bo
   """``{parameter path (tuple): quantize_layers options}`` for the kernels ``qopts`` targets.
 
   Everything a user can get wrong is checked here, before any tensor is read: targets that match
-  nothing, a target that is not a kernel (1-D), a checkpoint tensor that is not floating, a block
-  size that does not divide a target's input size.
+  nothing, a target that is not a kernel (1-D), a checkpoint tensor that is not floating. (A
+  block size that does not divide a kernel's input size pads each row, as ``quant.quantize``.)
   """
   from peftjax._src import targeting
   from peftjax.lora import default_layout
@@ -173,14 +172,8 @@ def _quant_targets(model, expected, specs, prefix, source, qopts: dict, scan: bo
                        f"can be quantized; narrow quantize targets")
     layout = (qopts["layout"](p, tuple(leaf.shape)) if qopts["layout"] is not None
               else default_layout(p, tuple(leaf.shape)))
-    n_stack, n_in = layout
-    k = math.prod(leaf.shape[n_stack:n_stack + n_in])
-    b = qopts["block_size"]
-    if b is not None and k % b:
-      raise ValueError(f"{what}: block_size={b} does not divide its input size {k} (shape "
-                       f"{list(leaf.shape)}); use a divisor of {k} or block_size=None (one "
-                       f"block per output channel)")
-    out[tp] = dict(format=qopts["format"], block_size=b, double_quant=qopts["double_quant"],
+    out[tp] = dict(format=qopts["format"], block_size=qopts["block_size"],
+                   double_quant=qopts["double_quant"],
                    symmetric=qopts["symmetric"], layout=layout,
                    compute_dtype=qopts["compute_dtype"] or jnp.dtype(model.dtype),
                    kernel=qopts["kernel"], path=p)
@@ -432,8 +425,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype
   Raises:
     ValueError: missing ``config.json``, unsupported ``model_type`` (the message lists the supported
       ones), missing/extra/misshapen tensors (named), corrupt safetensors files (named); with
-      ``quantize``: an unknown format or option, a block size that does not divide a target's
-      input size, a target that is not a floating kernel (each naming the tensor), before any
+      ``quantize``: an unknown format or option, a bad block size (odd for a 4-bit format,
+      not positive), a target that is not a floating kernel (naming the tensor), all before any
       tensor is read.
 
   Example:
