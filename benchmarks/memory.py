@@ -121,7 +121,8 @@ def run_peftjax(model_dir: Path, method: str) -> dict:
 
 def missing(*modules) -> str | None:
   gone = [m for m in modules if importlib.util.find_spec(m) is None]
-  return f"not importable in {sys.executable}: {', '.join(gone)}" if gone else None
+  where = f"this interpreter (Python {sys.version.split()[0]})"
+  return f"not importable in {where}: {', '.join(gone)}" if gone else None
 
 
 def main(argv=None) -> dict:
