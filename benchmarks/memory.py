@@ -108,7 +108,7 @@ def run_peftjax(model_dir: Path, method: str) -> dict:
   p = subprocess.run([sys.executable, "-c", CHILD, str(HERE), json.dumps(argv)],
                      capture_output=True, text=True, cwd=str(ROOT),
                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
-  rec = {"command": "peftjax " + " ".join(argv[:3] + ["DIR"] + argv[4:]),
+  rec = {"command": "peftjax " + " ".join(argv[:2] + ["DIR"] + argv[3:]),
          "wall_s": round(time.perf_counter() - t0, 1), "load_before": before,
          "load_after": loadavg()}
   res = _common.parse_result(p.stdout)
