@@ -4,6 +4,7 @@ One command::
 
   python benchmarks/memory.py                 # the "big shape" of issue 14 (2.1 GB f32 checkpoint)
   python benchmarks/memory.py --shape small   # a quick check (about 180 MB)
+  python benchmarks/memory.py --model smollm2 # SmolLM2-135M from its Q4_1 GGUF
 
 writes a random Llama Hugging Face directory (float32 safetensors, MiniLM's WordPiece tokenizer:
 its 30,522 ids fit the 32,000-token vocabulary) into a temporary directory, then runs, each in a
@@ -131,23 +132,36 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/"
                                               "memory-<shape>.json)")
   ap.add_argument("--methods", default="lora,qlora", help="peftjax methods to run")
+  ap.add_argument("--model", default=None,
+                  help="measure this model instead of writing one (e.g. smollm2: its Q4_1 GGUF, "
+                       "dequantized for LoRA, quantized while loading for QLoRA); results go to "
+                       "memory-<model>.json")
   ap.add_argument("--write-only", metavar="DIR", default=None,
                   help="only write the random model directory to DIR (kept) and exit")
   a = ap.parse_args(argv)
   shape = SHAPES[a.shape]
-  out = Path(a.out) if a.out else HERE / "results" / f"memory-{a.shape}.json"
+  label = a.shape if a.model is None else Path(a.model).name
+  out = Path(a.out) if a.out else HERE / "results" / f"memory-{label}.json"
   if a.write_only:
     Path(a.write_only).mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_model(Path(a.write_only), shape) / 1e9:.3f} GB to {a.write_only}")
     return {}
   systems, notes = {}, []
   with tempfile.TemporaryDirectory() as tmp:
-    d = Path(tmp) / "model"
-    d.mkdir()
-    t0 = time.perf_counter()
-    ckpt = write_model(d, shape)
-    print(f"wrote a random Llama ({a.shape}: {shape}) as {ckpt / 1e9:.3f} GB of float32 "
-          f"safetensors in {time.perf_counter() - t0:.0f}s", flush=True)
+    if a.model is not None:
+      from peftjax.tasks import resolve_model
+      d = resolve_model(a.model)
+      files = [d] if d.is_file() else list(d.glob("*.safetensors"))
+      ckpt = sum(f.stat().st_size for f in files)
+      shape = {"name": a.model}
+      print(f"{a.model}: {ckpt / 1e9:.3f} GB of weights", flush=True)
+    else:
+      d = Path(tmp) / "model"
+      d.mkdir()
+      t0 = time.perf_counter()
+      ckpt = write_model(d, shape)
+      print(f"wrote a random Llama ({a.shape}: {shape}) as {ckpt / 1e9:.3f} GB of float32 "
+            f"safetensors in {time.perf_counter() - t0:.0f}s", flush=True)
     for m in a.methods.split(","):
       name = f"peftjax {m}" + (" f32" if m == "lora" else " nf4+dq" if m == "qlora" else "")
       rec = run_peftjax(d, m)
@@ -176,7 +190,7 @@ def main(argv=None) -> dict:
                 f"{rec.get('vs_peftjax_lora_f32', float('nan')):.3f} |")
   print("\n| system | peak RSS (GB) | / checkpoint | / peftjax LoRA f32 |\n|---|---|---|---|")
   print("\n".join(rows))
-  result = {"benchmark": "memory", "shape": dict(shape, name=a.shape),
+  result = {"benchmark": "memory", "shape": dict(shape, name=label),
             "checkpoint_bytes": ckpt, "train_args": TRAIN, "systems": systems, "notes": notes,
             "python": sys.version.split()[0], "cpu_threads": _common.cpu_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -521,7 +521,10 @@ def _load_model(run: dict):
 
 
 def _load_kwargs(run: dict) -> dict:
-  """The run's method's loading keywords (``Method.load``: QLoRA quantizes while loading)."""
+  """The run's method's loading keywords (``Method.load``: QLoRA quantizes while loading); none
+  for a base-model run (no method)."""
+  if run.get("method") is None:
+    return {}
   load = dict(_method(run).load or {})
   if "dtype" in load:
     load["dtype"] = jnp.dtype(load["dtype"])
