@@ -290,11 +290,13 @@ def _task_of(run: dict, eval_limit: int):
   if run["kind"] == "lm":
     return tasks.lm_task(run["model"], run["data"], batch_size=run["batch_size"],
                          seq_len=run["seq_len"], seed=run["seed"], scan_layers=False,
-                         eval_data=run.get("eval_data"), compute_dtype=compute_dtype)
+                         eval_data=run.get("eval_data"), compute_dtype=compute_dtype,
+                         load=_load_kwargs(run))
   return tasks.classification_task(
       run["model"], run["data"], batch_size=run["batch_size"], max_len=run["seq_len"],
       seed=run["seed"], eval_limit=eval_limit or None, eval_data=run.get("eval_data"),
       compute_dtype=compute_dtype, validation=run.get("validation") or 0.0,
+      load=_load_kwargs(run),
       text_column=run["text_column"], label_column=run["label_column"], labels=run.get("labels"))
 
 
@@ -830,8 +832,20 @@ def _load_model(run: dict):
     path = tasks.resolve_model(run["model"])
     if run["kind"] == "classification":
       return from_pretrained(path, task="sequence-classification",
-                             num_labels=len(run["labels"]), key=jax.random.key(run["seed"]))
-    return from_pretrained(path)
+                             num_labels=len(run["labels"]), key=jax.random.key(run["seed"]),
+                             **_load_kwargs(run))
+    return from_pretrained(path, **_load_kwargs(run))
+
+
+def _load_kwargs(run: dict) -> dict:
+  """The run's method's loading keywords (``Method.load``: QLoRA quantizes while loading); none
+  for a base-model run (no method)."""
+  if run.get("method") is None:
+    return {}
+  load = dict(_method(run).load or {})
+  if "dtype" in load:
+    load["dtype"] = jnp.dtype(load["dtype"])
+  return load
 
 
 def _outputs_inputs(run: dict) -> dict:

@@ -41,12 +41,20 @@ def apply(params, rank: int = 8, *, format: str = "nf4", block_size: int | None 
           **lora_kwargs):
   """Quantizes the target kernels, then puts LoRA adapters on exactly those kernels.
 
+  ``params`` may already hold :class:`~peftjax.quant.QuantizedWeight` leaves (a model loaded with
+  ``peftjax.io.from_pretrained(..., quantize=...)``): those are kept as they are (their format
+  wins over ``format``/``block_size``/...). With ``targets=None`` the adapters then go on exactly
+  the quantized leaves and nothing else is quantized; with ``targets`` given, the targets get
+  adapters, targeted plain kernels are quantized first, and quantized leaves that are not
+  targeted stay frozen in 4 bits.
+
   Args:
-    params: any parameter pytree.
+    params: any parameter pytree, plain or already quantized.
     rank: LoRA rank.
     format, block_size, double_quant, compute_dtype, symmetric, kernel: as for
       :func:`peftjax.quant.quantize` (default NF4, blocks of 64, double quantization).
-    targets: which kernels (default: every dense kernel of attention and MLP blocks).
+    targets: which kernels (default: every dense kernel of attention and MLP blocks, or the
+      quantized leaves of an already quantized tree).
     alpha: LoRA scale numerator (default ``rank``).
     key: PRNG key of the adapters (per-path keys, so ``A`` equals plain LoRA's on the same tree).
     layout: ``(path, shape) -> (n_batch, n_in)``, used by both steps.
@@ -58,14 +66,35 @@ def apply(params, rank: int = 8, *, format: str = "nf4", block_size: int | None 
 
   Raises:
     ValueError, TypeError: as :func:`peftjax.quant.quantize` and :func:`peftjax.lora.apply`.
+
+  >>> import jax, peftjax
+  >>> p = {"mlp": {"up": {"kernel": jax.random.normal(jax.random.key(0), (128, 64))}}}
+  >>> q = peftjax.quant.quantize(p)              # e.g. what from_pretrained(quantize="nf4") gives
+  >>> node = apply(q, rank=4)["mlp"]["up"]["kernel"]
+  >>> type(node).__name__, node.w is q["mlp"]["up"]["kernel"]
+  ('LoraWeight', True)
   """
+  bare = {p for p, l in targeting.leaves_with_paths(params) if isinstance(l, QuantizedWeight)}
+  if bare and targets is None:
+    return _lora.apply(params, rank, alpha=alpha, targets=lambda path, leaf: path in bare,
+                       key=key, layout=layout, **lora_kwargs)
+  if bare:
+    chosen = {p for p, _ in targeting.select(params, targets)}
+    plain = chosen - bare
+    quantized = params
+    if plain:
+      quantized = _quant.quantize(params, format=format, block_size=block_size,
+                                  double_quant=double_quant,
+                                  targets=lambda path, leaf: path in plain,
+                                  compute_dtype=compute_dtype, symmetric=symmetric,
+                                  layout=layout, kernel=kernel)
+    return _lora.apply(quantized, rank, alpha=alpha, targets=lambda path, leaf: path in chosen,
+                       key=key, layout=layout, **lora_kwargs)
   quantized = _quant.quantize(params, format=format, block_size=block_size,
                               double_quant=double_quant, targets=targets,
                               compute_dtype=compute_dtype, symmetric=symmetric, layout=layout,
                               kernel=kernel)
-  before = {p for p, l in targeting.leaves_with_paths(params) if isinstance(l, QuantizedWeight)}
-  new = {p for p, l in targeting.leaves_with_paths(quantized)
-         if isinstance(l, QuantizedWeight) and p not in before}
+  new = {p for p, l in targeting.leaves_with_paths(quantized) if isinstance(l, QuantizedWeight)}
   return _lora.apply(quantized, rank, alpha=alpha, targets=lambda path, leaf: path in new,
                      key=key, layout=layout, **lora_kwargs)
 
@@ -160,6 +189,12 @@ def merge_requantized(tree):
   return new_tree, report
 
 
+#: How a model is loaded for QLoRA: attention and MLP kernels quantized to NF4 (blocks of 64,
+#: double quantization: :func:`apply`'s defaults) as they are read, embeddings, norms and the
+#: head in bfloat16 as in the paper; the float32 model is never built.
+LOAD = {"quantize": {"format": "nf4", "block_size": 64, "double_quant": True},
+        "dtype": "bfloat16"}
+
 METHOD = method_lib.Method(
     name="qlora", apply=apply, description="NF4 4-bit base (double quantization) + LoRA on top",
-    options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA")
+    options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA", load=LOAD)

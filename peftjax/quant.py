@@ -18,7 +18,8 @@ weight. ``dequantize`` (or ``peftjax.merge``) gives plain arrays back. QLoRA is
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,12 @@ import jax.numpy as jnp
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node
 from peftjax._src.quant import formats as _formats
-from peftjax._src.quant.core import KERNELS, QuantizedWeight, quantize_array
+from peftjax._src.quant.core import KERNELS, QuantizedWeight, quantize_array, quantize_layers
 from peftjax._src.quant.formats import FORMATS, FP4, NF4
 from peftjax._src.quant.matmul import qmatmul
 
 __all__ = ["quantize", "dequantize", "QuantizedWeight", "bits_per_param", "quantize_array",
-           "qmatmul", "FORMATS", "NF4", "FP4", "KERNELS"]
+           "quantize_layers", "quantize_options", "qmatmul", "FORMATS", "NF4", "FP4", "KERNELS"]
 
 
 def _is_q(x) -> bool:
@@ -108,6 +109,58 @@ def quantize(params, *, format: str = "nf4", block_size: int | None = 64,
                           kernel=kernel, path=path)
 
   return targeting.map_selected(rewrite, params, {p for p, _ in chosen})
+
+
+def quantize_options(spec: Any) -> dict | None:
+  """The keyword arguments of :func:`quantize` that a ``quantize=`` argument stands for.
+
+  Loaders (:func:`peftjax.io.from_pretrained`, :func:`peftjax.io.from_gguf`) take ``quantize=``
+  in any of these forms and quantize the target kernels as they read them:
+
+  * ``None`` or ``False``: no quantization (returns ``None``);
+  * ``True``: QLoRA's defaults (NF4, blocks of 64, double quantization, the default targets);
+  * a format name, ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"int8"``;
+  * a dict of :func:`quantize` keywords (``format``, ``block_size``, ``double_quant``,
+    ``targets``, ``compute_dtype``, ``symmetric``, ``layout``, ``kernel``): the same names as
+    :func:`peftjax.qlora.apply`'s.
+
+  Returns:
+    A dict with every keyword of :func:`quantize` (defaults filled in), or ``None``.
+
+  Raises:
+    ValueError: an unknown format or keyword, a bad block size (the value named).
+    TypeError: a value of another type.
+
+  >>> quantize_options("int4")["format"], quantize_options(None)
+  ('int4', None)
+  """
+  if spec is None or spec is False:
+    return None
+  defaults = {k: p.default for k, p in inspect.signature(quantize).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+  if spec is True:
+    given = {}
+  elif isinstance(spec, str):
+    given = {"format": spec}
+  elif isinstance(spec, dict):
+    given = dict(spec)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+      raise ValueError(f"quantize={spec!r}: unknown option {unknown[0]!r}; the options are "
+                       f"{', '.join(defaults)} (as for peftjax.quant.quantize)")
+  else:
+    raise TypeError(f"quantize= must be None, True, a format name ({', '.join(FORMATS)}) or a "
+                    f"dict of peftjax.quant.quantize options; got {type(spec).__name__}: {spec!r}")
+  out = {**defaults, **given}
+  _formats.check_format(out["format"], out["block_size"], out["symmetric"])
+  if not isinstance(out["double_quant"], bool):
+    raise TypeError(f"quantize: double_quant must be a bool; got {out['double_quant']!r}")
+  if out["kernel"] not in KERNELS:
+    raise ValueError(f"quantize: kernel={out['kernel']!r} is not one of {KERNELS}")
+  if out["compute_dtype"] is not None and not jnp.issubdtype(jnp.dtype(out["compute_dtype"]),
+                                                            jnp.floating):
+    raise TypeError(f"quantize: compute_dtype={out['compute_dtype']!r} is not a floating dtype")
+  return out
 
 
 def dequantize(tree):

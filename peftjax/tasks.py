@@ -221,7 +221,7 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
                         compute_dtype=None, eval_data: Optional[str] = None,
                         text_column: str = "text", label_column: str = "label",
                         heldout: float = 0.1, labels: Optional[list] = None,
-                        validation: float = 0.0) -> Task:
+                        validation: float = 0.0, load: Optional[dict] = None) -> Task:
   """Sentence classification with an encoder and a freshly initialized classification head.
 
   Args:
@@ -241,6 +241,8 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
       rest; the test split is not used (for choosing hyperparameters). The carving does not
       depend on ``seed`` (with rotten_tomatoes every seed sees the same validation set; a file's
       training part itself depends on ``seed``).
+    load: more :func:`peftjax.io.from_pretrained` keywords (a method's ``Method.load``, e.g.
+      QLoRA's ``quantize=``).
 
   Raises:
     FileNotFoundError: a missing file.
@@ -260,9 +262,9 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
     test_texts, test_y = test_texts[:eval_limit], test_y[:eval_limit]
   path = resolve_model(model)
   try:
-    m, params, tok = from_pretrained(path, task="sequence-classification", num_labels=len(names),
-                                     scan_layers=scan_layers, compute_dtype=compute_dtype,
-                                     key=jax.random.key(seed))
+    m, params, tok = from_pretrained(path, **{
+        "task": "sequence-classification", "num_labels": len(names), "scan_layers": scan_layers,
+        "compute_dtype": compute_dtype, "key": jax.random.key(seed), **(load or {})})
   except ValueError as e:
     if "not available" not in str(e):
       raise
@@ -286,13 +288,16 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
 
 def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: int = 4,
             seq_len: int = 128, seed: int = 0, eval_windows: int = 32, scan_layers: bool = True,
-            compute_dtype=None, remat: Any = False, eval_data: Optional[str] = None) -> Task:
+            compute_dtype=None, remat: Any = False, eval_data: Optional[str] = None,
+            load: Optional[dict] = None) -> Task:
   """Causal language modelling on packed windows; evaluation = held-out token NLL/perplexity.
 
   Args:
     dataset: ``"moby_dick"`` or a ``.txt`` file (its last 10% is held out unless ``eval_data``
       names another ``.txt`` file).
     eval_windows: evaluate on this many held-out windows of ``seq_len + 1`` tokens.
+    load: more :func:`peftjax.io.from_pretrained` keywords (a method's ``Method.load``, e.g.
+      QLoRA's ``quantize=``).
 
   Raises:
     FileNotFoundError: a missing file.
@@ -315,8 +320,8 @@ def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: i
     train_text, test_text = (train_text if dataset == "moby_dick" else raw,
                              data_lib.read_text(eval_data))
   from peftjax.models import LlamaForCausalLM
-  m, params, tok = from_pretrained(resolve_model(model), scan_layers=scan_layers,
-                                   compute_dtype=compute_dtype, remat=remat)
+  m, params, tok = from_pretrained(resolve_model(model), **{
+      "scan_layers": scan_layers, "compute_dtype": compute_dtype, "remat": remat, **(load or {})})
   if not isinstance(m, LlamaForCausalLM):
     raise ValueError(f"model {model}: a {type(m).__name__} is not a decoder; language modelling "
                      f"needs a causal LM (Llama family, e.g. smollm2)")

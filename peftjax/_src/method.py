@@ -124,6 +124,9 @@ class Method(NamedTuple):
     model_kwargs: ``model -> dict`` of ``apply`` keywords read off the model (prefix tuning
       needs its config), or None.
     aliases: earlier names that still resolve (old run records, scripts).
+    load: keywords for :func:`peftjax.io.from_pretrained` when a model is loaded to be tuned
+      with this method (QLoRA: ``quantize=`` and a 16-bit ``dtype``, so the full-precision model
+      never exists), or None. The command line passes them without knowing what they mean.
   """
   name: str
   apply: Callable
@@ -141,6 +144,7 @@ class Method(NamedTuple):
   learning_rate: Any = 1e-3
   model_kwargs: Optional[Callable] = None
   aliases: tuple = ()
+  load: Optional[dict] = None
 
   def option_values(self, given: Optional[dict] = None) -> dict:
     """``{name: value}`` for every option: ``given``'s (checked) or the default.

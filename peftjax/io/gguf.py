@@ -314,7 +314,7 @@ def gguf_tokenizer(reader, path="<gguf>"):
 
 def from_gguf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
               scan_layers: bool = False, remat: Any = False, tokenizer: bool = True,
-              strict: bool = True, device=None, mesh=None) -> Pretrained:
+              strict: bool = True, device=None, mesh=None, quantize: Any = None) -> Pretrained:
   """Loads a Llama-family GGUF file: dequantized weights, config and tokenizer from the metadata.
 
   Args:
@@ -327,6 +327,9 @@ def from_gguf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
     device: device for the parameters.
     mesh: load the parameters straight onto this mesh, sharded (see
       :func:`peftjax.models.shard_params`).
+    quantize: quantize while loading, as for :func:`peftjax.io.from_pretrained`: each target
+      tensor is dequantized from its GGUF blocks to float32 on its own and quantized at once, so
+      no float32 copy of the whole model ever exists.
 
   Returns:
     :class:`~peftjax.io.Pretrained` ``(model, params, tokenizer)``.
@@ -345,6 +348,6 @@ def from_gguf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
   model = _llama.LlamaForCausalLM(cfg, scan_layers=scan_layers, remat=remat, dtype=compute_dtype,
                                   param_dtype=dtype)
   params = load_params(model, GGUFSource(reader, path, cfg, permuted), dtype=dtype, strict=strict,
-                       device=device, mesh=mesh, init_missing_heads=False)
+                       device=device, mesh=mesh, init_missing_heads=False, quantize=quantize)
   tok = gguf_tokenizer(reader, path) if tokenizer else None
   return Pretrained(model, params, tok)

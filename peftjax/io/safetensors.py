@@ -1,8 +1,11 @@
 """safetensors files and Hugging Face weight directories, read through the ``safetensors`` package.
 
-Reads go through :func:`safetensors.safe_open` (framework ``"numpy"``): the package parses and
-validates the header, memory-maps the file and copies a tensor out only when it is asked for, so
-a loader holds one tensor at a time (plus the page cache of the map).
+Files are opened with :func:`safetensors.safe_open` (framework ``"numpy"``), which parses and
+validates the header. Tensor data, though, is read with one positioned read (``np.fromfile`` at
+the tensor's offset) straight into a fresh array rather than copied out of the package's memory
+map: pages of a map that have been touched count toward the process's resident memory until the
+file is closed, so reading a whole checkpoint through the map held a second copy of the model
+during loading (measured: ``benchmarks/memory.py``). A loader thus holds one tensor at a time.
 
 Our own code covers only what the package cannot do (checked with safetensors 0.4.5 and 0.8.0):
 
@@ -169,9 +172,8 @@ class SafetensorsFile:
     return self.tensors[name][0]
 
   def get(self, name: str) -> np.ndarray:
+    """The tensor as a fresh NumPy array (read at its offset: no memory map stays resident)."""
     dtype, shape = self.tensors[name]
-    if _ST_NAMES[dtype] not in _NOT_VIA_PACKAGE:
-      return self._f.get_tensor(name)
     if self._offsets is None:
       tensors, _, start = read_safetensors_header(self.path)
       self._offsets = {k: start + v[2] for k, v in tensors.items()}
@@ -233,6 +235,9 @@ class SafetensorsSource:
 
   def get(self, name: str) -> np.ndarray:
     return self._where[name].get(name)
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._where[name].dtype(name)
 
   def where(self, name: str) -> str:
     return str(self._where[name].path)

@@ -483,7 +483,8 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
   def save(step):
     nonlocal saved_step
     # Copies: the next step donates the state's buffers while an async save may still read them.
-    tree = jax.tree.map(jnp.copy, combine(state.trainable, frozen))
+    # Only the donated (trainable) part: copying the frozen base would cost a whole model.
+    tree = combine(jax.tree.map(jnp.copy, state.trainable), frozen)
     ckpt.save(step, tree, jax.tree.map(jnp.copy, state.opt_state), rng=jnp.copy(state.key),
               data_position=_data_position(data, step))
     saved_step = step

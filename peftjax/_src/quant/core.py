@@ -39,8 +39,8 @@ import numpy as np
 from peftjax._src.nodes import Node, node_dataclass, static_field, is_node
 from peftjax._src.quant import formats as F
 
-__all__ = ["QuantizedWeight", "quantize_array", "dequantize_t", "dequantize_scales",
-           "KERNELS"]
+__all__ = ["QuantizedWeight", "quantize_array", "quantize_layers", "dequantize_t",
+           "dequantize_scales", "KERNELS"]
 
 #: Values of ``QuantizedWeight.kernel``: which matmul implementation the node's rule uses.
 #: ``"auto"``: XLA (measured faster than the untuned Pallas kernel on an H200, see
@@ -386,52 +386,106 @@ def quantize_array(w, *, format: str = "nf4", block_size: int | None = 64,
     >>> q.codes.shape, q.codes.dtype.name, q.shape
     ((64, 128), 'uint8', (256, 64))
   """
-  F.check_format(format, block_size, symmetric)
-  if not isinstance(double_quant, bool):
-    raise TypeError(f"quantize: double_quant must be a bool; got {double_quant!r}")
-  if kernel not in KERNELS:
-    raise ValueError(f"quantize: kernel={kernel!r} is not one of {KERNELS}")
   if is_node(w):
     raise TypeError(f"quantize: the leaf at {path!r} is already a {type(w).__name__} node; "
                     f"quantize the original array (or exclude it from targets)")
   if not (hasattr(w, "shape") and hasattr(w, "dtype")):
     raise TypeError(f"quantize: the leaf at {path!r} is not an array: {type(w).__name__}")
-  if not jnp.issubdtype(w.dtype, jnp.floating):
-    raise TypeError(f"quantize: the leaf at {path!r} has dtype {jnp.dtype(w.dtype).name}; only "
+  w = w if isinstance(w, jax.core.Tracer) else jnp.asarray(w)
+  spec = _plan(tuple(w.shape), w.dtype, format=format, block_size=block_size,
+               double_quant=double_quant, symmetric=symmetric, layout=layout,
+               compute_dtype=compute_dtype, kernel=kernel, path=path)
+  n_stack = spec["n_stack"]
+  layers = w.reshape((-1,) + tuple(w.shape[n_stack:])) if n_stack else w[None]
+  check = check_finite and not isinstance(w, jax.core.Tracer)
+  return _assemble(spec, (layers[i] for i in range(layers.shape[0])), check_finite=check)
+
+
+def _plan(shape: tuple, dtype, *, format, block_size, double_quant, symmetric, layout,
+          compute_dtype, kernel, path) -> dict:
+  """Checks the options against a kernel's shape and dtype; the settings :func:`_assemble` uses."""
+  F.check_format(format, block_size, symmetric)
+  if not isinstance(double_quant, bool):
+    raise TypeError(f"quantize: double_quant must be a bool; got {double_quant!r}")
+  if kernel not in KERNELS:
+    raise ValueError(f"quantize: kernel={kernel!r} is not one of {KERNELS}")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"quantize: the leaf at {path!r} has dtype {jnp.dtype(dtype).name}; only "
                     f"floating kernels can be quantized")
-  if w.ndim < 2:
-    raise ValueError(f"quantize: the leaf at {path!r} has shape {tuple(w.shape)}; a kernel with "
+  if len(shape) < 2:
+    raise ValueError(f"quantize: the leaf at {path!r} has shape {tuple(shape)}; a kernel with "
                      f"ndim >= 2 ([..., in, out]) is required")
   if layout is None:
     from peftjax.lora import default_layout  # pylint: disable=g-import-not-at-top
-    layout = default_layout(path, tuple(w.shape))
+    layout = default_layout(path, tuple(shape))
   n_stack, n_in = layout
-  if not (0 <= n_stack and 1 <= n_in and n_stack + n_in < w.ndim):
+  if not (0 <= n_stack and 1 <= n_in and n_stack + n_in < len(shape)):
     raise ValueError(f"quantize: layout (n_batch={n_stack}, n_in={n_in}) for the leaf at {path!r} "
-                     f"of shape {tuple(w.shape)}; need n_batch >= 0, n_in >= 1 and at least one "
+                     f"of shape {tuple(shape)}; need n_batch >= 0, n_in >= 1 and at least one "
                      f"output axis")
-  cdtype = jnp.dtype(w.dtype if compute_dtype is None else compute_dtype)
+  cdtype = jnp.dtype(dtype if compute_dtype is None else compute_dtype)
   if not jnp.issubdtype(cdtype, jnp.floating):
     raise TypeError(f"quantize: compute_dtype={compute_dtype!r} is not a floating dtype")
-  if any(d == 0 for d in w.shape):
-    raise ValueError(f"quantize: the leaf at {path!r} has an empty shape {tuple(w.shape)}")
-  w = jnp.asarray(w)
-  in_shape = tuple(w.shape[n_stack:n_stack + n_in])
+  if any(d == 0 for d in shape):
+    raise ValueError(f"quantize: the leaf at {path!r} has an empty shape {tuple(shape)}")
+  in_shape = tuple(shape[n_stack:n_stack + n_in])
   k = math.prod(in_shape)
   b = block_size if block_size is not None else k + (k % 2 if format in F.FOUR_BIT else 0)
-  stack = tuple(w.shape[:n_stack])
-  layers = w.reshape((-1,) + tuple(w.shape[n_stack:])) if n_stack else w[None]
-  per_layer = [_quantize_layer(layers[i], format, b, symmetric, n_in, double_quant)
-               for i in range(layers.shape[0])]
-  n_bad = [d.pop("n_nonfinite") for d in per_layer]
-  if check_finite and not isinstance(w, jax.core.Tracer):
-    bad = sum(int(n) for n in n_bad)
-    if bad:
-      raise ValueError(f"quantize: the leaf at {path!r} has {bad} non-finite value(s) (NaN/Inf); "
-                       f"quantization needs finite weights")
-  arrays = {name: (jnp.stack([d[name] for d in per_layer]).reshape(
-      stack + per_layer[0][name].shape) if n_stack else per_layer[0][name])
-            for name in per_layer[0]}
-  return QuantizedWeight(**arrays, format=format, block_size=b, in_shape=in_shape,
-                         out_shape=tuple(w.shape[n_stack + n_in:]), dtype_name=cdtype.name,
-                         kernel=kernel)
+  return dict(format=format, block_size=b, symmetric=symmetric, double_quant=double_quant,
+              n_stack=n_stack, n_in=n_in, stack=tuple(shape[:n_stack]), in_shape=in_shape,
+              out_shape=tuple(shape[n_stack + n_in:]), layer_shape=tuple(shape[n_stack:]),
+              dtype_name=cdtype.name, kernel=kernel, path=path)
+
+
+def _assemble(spec: dict, layers, *, check_finite: bool = True) -> QuantizedWeight:
+  """Quantizes ``layers`` (an iterable of the kernel's layers ``[*I, *O]``, in order, one array
+  alive at a time if the iterable reads them lazily) and stacks the storage arrays."""
+  per_layer, bad = [], 0
+  for layer in layers:
+    if tuple(layer.shape) != spec["layer_shape"]:  # a caller bug, not user input
+      raise RuntimeError(f"internal: layer of shape {tuple(layer.shape)} for the leaf at "
+                         f"{spec['path']!r}, expected {spec['layer_shape']}")
+    d = _quantize_layer(layer, spec["format"], spec["block_size"], spec["symmetric"],
+                        spec["n_in"], spec["double_quant"])
+    n_bad = d.pop("n_nonfinite")
+    if check_finite:
+      bad += int(n_bad)
+    per_layer.append(d)
+    del layer
+  if bad:
+    raise ValueError(f"quantize: the leaf at {spec['path']!r} has {bad} non-finite value(s) "
+                     f"(NaN/Inf); quantization needs finite weights")
+  stack = spec["stack"]
+  if spec["n_stack"]:
+    arrays = {name: jnp.stack([d[name] for d in per_layer]).reshape(
+        stack + per_layer[0][name].shape) for name in per_layer[0]}
+  else:
+    arrays = per_layer[0]
+  return QuantizedWeight(**arrays, format=spec["format"], block_size=spec["block_size"],
+                         in_shape=spec["in_shape"], out_shape=spec["out_shape"],
+                         dtype_name=spec["dtype_name"], kernel=spec["kernel"])
+
+
+def quantize_layers(shape: tuple, dtype, layers, **options) -> QuantizedWeight:
+  """Quantizes a kernel of ``shape`` given layer by layer (what a streaming loader holds).
+
+  Args:
+    shape: the kernel's full shape ``[*S, *I, *O]``.
+    dtype: its floating dtype (the compute dtype unless ``compute_dtype`` is given).
+    layers: an iterable over the ``prod(S)`` layers ``[*I, *O]`` in row-major order (one item
+      for an unstacked kernel); a generator that reads each layer when asked keeps one layer in
+      memory at a time.
+    **options: the keywords of :func:`quantize_array` (``format``, ``block_size``, ...).
+
+  Returns:
+    The :class:`QuantizedWeight`, bit-identical to ``quantize_array`` of the whole stacked array.
+  """
+  check_finite = options.pop("check_finite", True)
+  opts = dict(format="nf4", block_size=64, double_quant=True, symmetric=True, layout=None,
+              compute_dtype=None, kernel="auto", path="<array>")
+  unknown = set(options) - set(opts)
+  if unknown:
+    raise TypeError(f"quantize_layers: unknown option(s) {sorted(unknown)}")
+  opts.update(options)
+  return _assemble(_plan(tuple(shape), jnp.dtype(dtype), **opts), layers,
+                   check_finite=check_finite)

@@ -28,20 +28,86 @@ def _wt(q: core.QuantizedWeight) -> jax.Array:
   return core.dequantize_t(q)[..., :q.in_features].astype(q.dtype)
 
 
+#: The most float values one dequantized chunk of a kernel may hold on the XLA path (8 MB of
+#: float32). A larger kernel is dequantized and multiplied chunk by chunk of output columns in a
+#: loop: XLA schedules the dequantization of a whole kernel wherever it likes (in a model, all of
+#: them at the start of the program), which kept every layer's float kernel alive at once: a
+#: QLoRA step held the whole float32 model in temporaries (measured with
+#: ``compiled.memory_analysis()`` and ``benchmarks/memory.py``). In a loop only one chunk exists.
+CHUNK_VALUES = 1 << 21
+
+
+def _n_chunks(q: core.QuantizedWeight) -> int:
+  """Chunks of output columns: 1 for a kernel within :data:`CHUNK_VALUES`, else the fewest
+  that divide ``N`` and fit."""
+  n, kp = q.n_out, q.padded_in
+  if n * kp <= CHUNK_VALUES:
+    return 1
+  for c in range(2, n + 1):
+    if n % c == 0 and (n // c) * kp <= CHUNK_VALUES:
+      return c
+  return n
+
+
+def _chunked(q: core.QuantizedWeight, c: int):
+  """``(codes, scales, zeros)`` with a leading chunk axis ``[c, *S, N/c, ...]``."""
+  ns = len(q.stack_shape)
+
+  def split(a):
+    if a is None:
+      return None
+    a = a.reshape(a.shape[:ns] + (c, a.shape[ns] // c) + a.shape[ns + 1:])
+    return jnp.moveaxis(a, ns, 0)
+  return split(q.codes), split(core.dequantize_scales(q)), split(q.zeros)
+
+
+def _wt_chunk(q: core.QuantizedWeight, codes, scales, zeros) -> jax.Array:
+  """One chunk ``[*S, N/c, K]`` dequantized in the compute dtype."""
+  part = q.replace(codes=codes, scales=scales, qscales=None, qscales_absmax=None,
+                   qscales_offset=None, zeros=zeros, out_shape=(codes.shape[-2],))
+  return _wt(part)
+
+
 @functools.partial(jax.jit, static_argnames=("precision", "preferred_element_type"))
 def qmatmul_xla(x, q, *, precision=None, preferred_element_type=None):
-  """Reference path: ``x [*S, M, K] @ deq(q) [*S, K, N] -> [*S, M, N]`` via XLA."""
+  """Reference path: ``x [*S, M, K] @ deq(q) [*S, K, N] -> [*S, M, N]`` via XLA.
+
+  Kernels larger than :data:`CHUNK_VALUES` are dequantized and multiplied in chunks of output
+  columns (a loop), so one chunk of float weights exists at a time.
+  """
   ns = x.ndim - 2
   dims = (((ns + 1,), (ns + 1,)), (tuple(range(ns)), tuple(range(ns))))
-  return lax.dot_general(x, _wt(q), dims, precision=precision,
-                         preferred_element_type=preferred_element_type)
+  c = _n_chunks(q)
+  if c == 1:
+    return lax.dot_general(x, _wt(q), dims, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+  def one(parts):
+    return lax.dot_general(x, _wt_chunk(q, *parts), dims, precision=precision,
+                           preferred_element_type=preferred_element_type)   # [*S, M, N/c]
+  ys = lax.map(one, _chunked(q, c))                                          # [c, *S, M, N/c]
+  ys = jnp.moveaxis(ys, 0, -2)                                               # [*S, M, c, N/c]
+  return ys.reshape(ys.shape[:-2] + (q.n_out,))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _xla_dx(g, q, x_dtype, precision):
   ns = g.ndim - 2
   dims = (((ns + 1,), (ns,)), (tuple(range(ns)), tuple(range(ns))))
-  return lax.dot_general(g, _wt(q), dims, precision=precision).astype(x_dtype)
+  c = _n_chunks(q)
+  if c == 1:
+    return lax.dot_general(g, _wt(q), dims, precision=precision).astype(x_dtype)
+  gs = g.reshape(g.shape[:-1] + (c, q.n_out // c))
+  gs = jnp.moveaxis(gs, -2, 0)                                               # [c, *S, M, N/c]
+
+  def add(acc, parts):
+    g_j, codes, scales, zeros = parts
+    return acc + lax.dot_general(g_j, _wt_chunk(q, codes, scales, zeros), dims,
+                                 precision=precision).astype(acc.dtype), None
+  out_dtype = jnp.result_type(g.dtype, q.dtype)
+  acc0 = jnp.zeros(g.shape[:-1] + (q.in_features,), out_dtype)
+  dx, _ = lax.scan(add, acc0, (gs,) + _chunked(q, c))
+  return dx.astype(x_dtype)
 
 
 def resolve_kernel(q: core.QuantizedWeight, m: int) -> str:
