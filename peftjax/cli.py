@@ -657,7 +657,9 @@ def _train_method(method, run: dict, task, mtask, tuned, cfg):
   else:
     rtask = task.adapt(forward=mtask.forward, prepare=method.step_hook)
     second = dataclasses.replace(
-        cfg, steps=n, warmup_steps=min(cfg.warmup_steps, n - 1), label=f"{cfg.label} (refine)",
+        cfg, steps=n, learning_rate=method.refine[2](options) or cfg.learning_rate,
+        field_lr_scales=None, warmup_steps=min(cfg.warmup_steps, n - 1),
+        label=f"{cfg.label} (refine)",
         checkpoint_dir=cfg.checkpoint_dir and os.path.join(cfg.checkpoint_dir, "refine"))
     res2 = train(rtask.loss_fn, refined, mtask.train_loader, second, eval_fn=mtask.eval_fn,
                  eval_data=mtask.eval_batches)

@@ -320,7 +320,11 @@ METHOD = method_lib.Method(
              method_lib.Option("refine_fraction", 0.3, "fraction of the steps that train the "
                                "projected sparse difference (0: project at the end only)",
                                type=method_lib.rate, to_apply=False),
+             method_lib.Option("refine_lr", 1e-3, "learning rate of the kept sparse values "
+                               "after the projection", type=method_lib.positive_float,
+                               to_apply=False),
              method_lib.TARGETS),
     step_hook=nodes_lib.set_rng, penalty=_penalty, report=_report, aliases=("diffpruning",),
-    refine=(_project, lambda options: options["refine_fraction"]), lr_scales=_gate_lr,
+    refine=(_project, lambda options: options["refine_fraction"],
+            lambda options: options["refine_lr"]), lr_scales=_gate_lr,
     learning_rate=1e-4)

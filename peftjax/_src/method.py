@@ -110,10 +110,11 @@ class Method(NamedTuple):
       option values by name), or None.
     finalize: ``tree -> tree`` after training (drop a training-time reparameterization), or None.
     report: ``(tree, options) -> str``, a line printed after training, or None.
-    refine: a second training stage, or None: ``(transform, fraction)`` where
+    refine: a second training stage, or None: ``(transform, fraction, learning_rate)`` where
       ``transform(tree, options) -> tree`` is applied after ``1 - fraction(options)`` of the
-      steps and training continues on its result for the rest, without the penalty (DiffPruning:
-      project onto the kept support, then tune the kept values, as Guo et al. do).
+      steps and training continues on its result for the rest, without the penalty, at
+      ``learning_rate(options)`` (None: the run's) (DiffPruning: project onto the kept support,
+      then tune the kept values, as Guo et al. do).
     lr_scales: ``(options, learning_rate) -> {"type_id.field": factor}``, learning-rate
       multipliers of node fields (``peftjax.optimizer``'s ``field_lr_scales``), or None.
     mergeable: whether the trained tree folds into plain weights (``peftjax.merge`` then a
