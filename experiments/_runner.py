@@ -182,7 +182,8 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
   (several rates), ``a.validation`` > 0 and ``score`` (``row -> number``, higher is better), each
   rate first trains with seed 0 on the training data less a held-out ``a.validation`` fraction
   (``peftjax train --validation``) and is scored there; the test split is never used to choose.
-  The chosen rate (the first of a single-rate grid) then trains ``a.seeds`` times (seeds 0, 1,
+  The chosen rate (without a sweep: the method's default, ``peftjax train`` without ``--lr``)
+  then trains ``a.seeds`` times (seeds 0, 1,
   ...) and is evaluated on the test split: the row keeps the seed-0 run's measurements and adds
   ``grid`` (rate -> validation score), ``seed_rows`` (each seed's result row) and ``lr``.
   ``write(out, a, machine, results, base, final=False)`` rewrites the report after every method
@@ -222,17 +223,17 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
       ok = {k: v for k, v in scores.items() if v is not None}
       lr = float(max(ok, key=ok.get)) if ok else grid[0]
     else:
-      lr = grid[0]
+      lr = None  # not swept: the method's default rate (peftjax train without --lr)
     runs = []
     for seed in range(seeds):
-      sargs = [*args, "--lr", f"{lr:g}", "--seed", str(seed)]
+      sargs = [*args, *(["--lr", f"{lr:g}"] if lr is not None else []), "--seed", str(seed)]
       print(f"== {n}: peftjax train {' '.join(sargs)}", flush=True)
       runs.append(run_method(n if seed == 0 else f"{n}-seed{seed}", sargs, base_metrics=base,
                              log_dir=logs))
       if base is None and runs[-1].get("base_metrics"):
         base = runs[-1]["base_metrics"]
     r = runs[0]
-    r["lr"], r["grid"] = lr, scores or None
+    r["lr"], r["grid"] = r.get("lr") if lr is None else lr, scores or None
     r["seed_rows"] = [x.get("row") for x in runs if "error" not in x]
     r["seeds_failed"] = [x["error"] for x in runs if "error" in x]
     print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)

@@ -62,7 +62,7 @@ def main(argv=None):
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--validation", type=float, default=0.1,
                   help="fraction of the training split held out to choose each method's learning "
-                       "rate from its grid (0: the grid's first rate, no sweep)")
+                       "rate from its grid (0: no sweep, the method's default rate)")
   ap.add_argument("--seeds", type=int, default=3, help="test runs per method at the chosen rate")
   ap.add_argument("--out", default=str(_runner.RESULTS))
   ap.add_argument("--rerun", action="store_true",
@@ -158,8 +158,9 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
       f"- *lr*: chosen per method from its grid by accuracy on a validation split (10% of the "
       f"training sentences held out, seed 0; the test split is never used to choose), then "
       f"trained {a.seeds} times (seeds 0..{a.seeds - 1}) at that rate on the whole training "
-      f"split and tested: mean ± standard deviation over the seeds. A row marked *not swept* or "
-      f"*1 seed* ran before the sweep existed, at one guessed rate (see "
+      f"split and tested: mean ± standard deviation over the seeds. A row marked *not swept* ran "
+      f"at one rate without a sweep (the method's default, or, for rows from before the sweep "
+      f"existed, a guessed one); *1 seed* rows were trained once (see "
       f"`compare_classification.json` for each grid's source); the head trains at the method's "
       f"rate.",
       "- LoRA/QLoRA r=8, alpha=16 on all linear layers; adapters bottleneck 64 (Houlsby: after "
