@@ -227,8 +227,8 @@ METHOD = method_lib.Method(
                                "MLP (P-tuning v2)", kwarg="projection", flag=True,
                                convert=lambda v: not v)),
     forward=tuned_lib.forward, finalize=finalize, mergeable=False, hf_peft_type="PREFIX_TUNING",
-    # Measured on MiniLM (rotten tomatoes, 100 steps): through the MLP 1e-3 learns while 3e-4,
-    # 3e-3 and 1e-2 stay at the majority class; direct prefixes (P-tuning v2) learn at 1e-2, not
-    # at 3e-3. See experiments/results/compare_classification.md for the validated choice.
+    # Through the MLP 1e-3 (Li & Liang train it at 5e-5 to 8e-5 over epochs; 1e-2 diverged on
+    # SmolLM2, 1e-3 trained); direct prefixes (P-tuning v2) 1e-2 (Liu et al. 2022: 5e-3 to 1e-2).
+    # On MiniLM both are fragile for another reason: see docs/methods.md (its untrained pooler).
     learning_rate=lambda options: 1e-2 if options["no_projection"] else 1e-3,
     model_kwargs=_model_config)
