@@ -155,14 +155,19 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
       (f"- Always answering the majority class (fresh) scores {majority:.2f}%; the test loss "
        "(mean cross-entropy, 0.6931 = chance) is the finer signal when accuracies sit there.\n"
        if majority else "") +
-      f"- *lr*: chosen per method from its grid by accuracy on a validation split (10% of the "
-      f"training sentences held out, seed 0; the test split is never used to choose), then "
-      f"trained {a.seeds} times (seeds 0..{a.seeds - 1}) at that rate on the whole training "
-      f"split and tested: mean ± standard deviation over the seeds. A row marked *not swept* ran "
-      f"at one rate without a sweep (the method's default, or, for rows from before the sweep "
-      f"existed, a guessed one); *1 seed* rows were trained once (see "
-      f"`compare_classification.json` for each grid's source); the head trains at the method's "
-      f"rate.",
+      (f"- *lr*: chosen per method from its grid by accuracy on a validation split ({a.validation:.0%} "
+       f"of the training sentences held out, seed 0; the test split is never used to choose), "
+       f"then trained {a.seeds} time(s) (seeds 0..{a.seeds - 1}) at that rate on the whole "
+       f"training split and tested: mean ± standard deviation over the seeds. "
+       if any(r.get("grid") for r in results) else
+       "- *lr*: no row of this table was chosen by a sweep yet (`--validation 0.1 --seeds 3` "
+       "does that: each grid's rates scored on a held-out part of the training split, then the "
+       "best one over several seeds). ") +
+      "A row marked *not swept* ran at one rate: the method's default (rows run with "
+      "`--validation 0`), or, for rows from before the sweep existed, a guessed one (see "
+      "`compare_classification.json`: each row's command, each grid and its source). *1 seed*: "
+      "trained once; differences of about 1 point are within run-to-run noise. The head trains "
+      "at the method's rate.",
       "- LoRA/QLoRA r=8, alpha=16 on all linear layers; adapters bottleneck 64 (Houlsby: after "
       "attention output and FFN; Pfeiffer: FFN only); IA3 on keys, values and FFN; BitFit all "
       "biases; partial: top 2 of 6 layers; prompt/prefix/P-tuning 20 virtual tokens (prefix "
