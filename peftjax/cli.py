@@ -650,14 +650,15 @@ def _train_method(method, run: dict, task, mtask, tuned, cfg):
                                                                           cfg.steps - n - 1))
   res = train(mtask.loss_fn, tuned, mtask.train_loader, first)
   report(res.params)
-  refined = method.refine[0](res.params, options)
+  refined = method.refine.transform(res.params, options)
   if n == 0:
     metrics = evaluate(mtask.eval_fn, refined, mtask.eval_batches())
     res = res._replace(params=refined, eval_metrics=metrics)
   else:
     rtask = task.adapt(forward=mtask.forward, prepare=method.step_hook)
     second = dataclasses.replace(
-        cfg, steps=n, learning_rate=method.refine[2](options) or cfg.learning_rate,
+        cfg, steps=n, learning_rate=(method.refine.learning_rate and
+                                     method.refine.learning_rate(options)) or cfg.learning_rate,
         field_lr_scales=None, warmup_steps=min(cfg.warmup_steps, n - 1),
         label=f"{cfg.label} (refine)",
         checkpoint_dir=cfg.checkpoint_dir and os.path.join(cfg.checkpoint_dir, "refine"))

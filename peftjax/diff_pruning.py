@@ -325,6 +325,6 @@ METHOD = method_lib.Method(
                                to_apply=False),
              method_lib.TARGETS),
     step_hook=nodes_lib.set_rng, penalty=_penalty, report=_report, aliases=("diffpruning",),
-    refine=(_project, lambda options: options["refine_fraction"],
-            lambda options: options["refine_lr"]), lr_scales=_gate_lr,
+    refine=method_lib.Refine(_project, lambda options: options["refine_fraction"],
+                             lambda options: options["refine_lr"]), lr_scales=_gate_lr,
     learning_rate=1e-4)

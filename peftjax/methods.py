@@ -6,9 +6,9 @@
 ['lora', 'qlora', 'adapters']
 """
 
-from peftjax._src.method import (METHOD_MODULES, Method, Option, all_methods, fraction, get, names,
-                                 nonneg_float, nonneg_int, positive_float, positive_int, rate,
-                                 register)
+from peftjax._src.method import (METHOD_MODULES, Method, Option, Refine, all_methods, fraction,
+                                 get, names, nonneg_float, nonneg_int, positive_float,
+                                 positive_int, rate, register)
 
-__all__ = ["Method", "Option", "get", "names", "all_methods", "register", "METHOD_MODULES",
+__all__ = ["Method", "Option", "Refine", "get", "names", "all_methods", "register", "METHOD_MODULES",
            "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction", "rate"]

@@ -22,8 +22,8 @@ import inspect
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-__all__ = ["Method", "Option", "get", "names", "all_methods", "register", "METHOD_MODULES",
-           "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction", "rate"]
+__all__ = ["Method", "Option", "Refine", "get", "names", "all_methods", "register",
+           "METHOD_MODULES", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction", "rate"]
 
 #: Modules (``peftjax.<name>``) that define a ``METHOD``, in the order ``peftjax methods`` lists.
 METHOD_MODULES = ("lora", "qlora", "adapters", "ia3", "prompt", "prefix", "ptuning", "bitfit",
@@ -94,6 +94,16 @@ class Option(NamedTuple):
   to_apply: bool = True
 
 
+class Refine(NamedTuple):
+  """A method's second training stage: after ``1 - fraction(options)`` of the steps,
+  ``transform(tree, options) -> tree``, then the rest of the steps on its result without the
+  penalty, at ``learning_rate(options)`` (None: the run's rate). DiffPruning: project onto the
+  kept support, then tune the kept values, as Guo et al. do."""
+  transform: Callable
+  fraction: Callable
+  learning_rate: Optional[Callable] = None
+
+
 class Method(NamedTuple):
   """A PEFT method: its transform, what else it needs to train and run, what it can do.
 
@@ -110,11 +120,7 @@ class Method(NamedTuple):
       option values by name), or None.
     finalize: ``tree -> tree`` after training (drop a training-time reparameterization), or None.
     report: ``(tree, options) -> str``, a line printed after training, or None.
-    refine: a second training stage, or None: ``(transform, fraction, learning_rate)`` where
-      ``transform(tree, options) -> tree`` is applied after ``1 - fraction(options)`` of the
-      steps and training continues on its result for the rest, without the penalty, at
-      ``learning_rate(options)`` (None: the run's) (DiffPruning: project onto the kept support,
-      then tune the kept values, as Guo et al. do).
+    refine: a second training stage (:class:`Refine`), or None.
     lr_scales: ``(options, learning_rate) -> {"type_id.field": factor}``, learning-rate
       multipliers of node fields (``peftjax.optimizer``'s ``field_lr_scales``), or None.
     mergeable: whether the trained tree folds into plain weights (``peftjax.merge`` then a
@@ -138,7 +144,7 @@ class Method(NamedTuple):
   penalty: Optional[Callable] = None
   finalize: Optional[Callable] = None
   report: Optional[Callable] = None
-  refine: Optional[tuple] = None
+  refine: Optional[Refine] = None
   lr_scales: Optional[Callable] = None
   mergeable: bool = True
   hf_peft_type: Optional[str] = None
@@ -203,7 +209,6 @@ class Method(NamedTuple):
     values = self.option_values(options)
     return lambda tree: self.penalty(tree, values)
 
-
   def default_learning_rate(self, options: Optional[dict] = None) -> float:
     """The default learning rate for these option values."""
     lr = self.learning_rate
@@ -216,7 +221,7 @@ class Method(NamedTuple):
     """
     if self.refine is None or steps < 2:
       return 0
-    frac = float(self.refine[1](self.option_values(options)))
+    frac = float(self.refine.fraction(self.option_values(options)))
     if frac <= 0:
       return 0
     return min(max(1, round(frac * steps)), steps - 1)

@@ -109,16 +109,18 @@ class OptimizerState(NamedTuple):
 
 def _scale_fields(updates, scales: dict):
   """``updates`` with each ``"type_id.field"`` of ``scales`` multiplied by its factor."""
+  by_type: dict = {}
+  for name, s in scales.items():
+    type_id, _, field = name.partition(".")
+    by_type.setdefault(type_id, {})[field] = s
+
   def f(x):
-    if not is_node(x):
+    fields = by_type.get(getattr(type(x), "type_id", None)) if is_node(x) else None
+    if not fields:
       return x
-    change = {}
-    for name, s in scales.items():
-      type_id, _, field = name.partition(".")
-      if getattr(type(x), "type_id", None) == type_id and getattr(x, field, None) is not None:
-        change[field] = jax.tree_util.tree_map(lambda u: u * jnp.asarray(s, u.dtype),
-                                               getattr(x, field))
-    return x.replace(**change) if change else x
+    return x.replace(**{f: jax.tree_util.tree_map(lambda u, s=s: u * jnp.asarray(s, u.dtype),
+                                                  getattr(x, f))
+                        for f, s in fields.items() if getattr(x, f) is not None})
   return jax.tree_util.tree_map(f, updates, is_leaf=is_node)
 
 
