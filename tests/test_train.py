@@ -123,6 +123,8 @@ def test_a_signal_saves_the_step_and_the_resumed_run_is_bit_identical(tmp_path, 
   tuned, loss, tokens = _setup()
   ref = train(loss, tuned, _loader(tokens), _cfg())
   signum = getattr(signal, sig)
+  # what the handlers were before (SIG_IGN for SIGINT where the suite runs as a background job)
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
   def kill_at_4(state, metrics):
     if int(state.step) == 4:
@@ -132,7 +134,7 @@ def test_a_signal_saves_the_step_and_the_resumed_run_is_bit_identical(tmp_path, 
     train(loss, tuned, _loader(tokens), _cfg(checkpoint_dir=str(ckpt), save_every=100,
                                               handle_signals=True), on_step=kill_at_4)
   assert (e.value.signum, e.value.step, e.value.checkpoint) == (signum, 4, ckpt / "4")
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
   with TrainCheckpointer(ckpt) as c:
     assert c.all_steps() == [4]  # save_every=100: only the interrupted step was saved
   res = train(loss, tuned, _loader(tokens), _cfg(checkpoint_dir=str(ckpt), save_every=100))
