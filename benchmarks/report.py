@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/report.py benchmarks/results/cpu.json [--report docs/benchmarks.md]
 
-The report states every goal with "met" or "MISSED" and the load average around each
-measurement; plots need matplotlib (the ``dev`` extra; ``make bench`` installs it). Without it the
+The report states every goal as "met" (it holds in every round's own ratio), "met in k of n
+rounds" or "MISSED", with each round's ratio and the load average around each measurement; plots need matplotlib (the ``dev`` extra; ``make bench`` installs it). Without it the
 report is written without figures and says so.
 """
 
@@ -153,22 +153,40 @@ def _why(doc_dir):
   return f"[docs/performance.md]({_rel(PERFORMANCE_DOC, doc_dir)})"
 
 
+def goal_state(g) -> str:
+  """``"met"`` only when the goal holds in every round's own ratio (and in the medians' ratio);
+  ``"met in k of n rounds"`` when it holds in some; ``"MISSED"`` otherwise."""
+  rounds, k = g.get("rounds") or [], g.get("met_rounds", 0)
+  if g["value"] is None:
+    return "not measured"
+  if g["met"]:
+    return "met" + (f" in all {len(rounds)} rounds" if len(rounds) > 1 else "")
+  return f"met in {k} of {len(rounds)} rounds" if k else "MISSED"
+
+
+def _fmt_goal(g, v):
+  return f"{v * 100:.0f}%" if "peak" in g["name"] else f"{v:.2f}x"
+
+
 def _goal_lines(results, doc_dir):
   threads = results["meta"].get("threads") or 1
-  lines = ["| goal | measured | target | result | max 1-min load during its runs |",
-           "|---|---|---|---|---|"]
+  lines = ["| goal | measured (medians) | each round | target | result | max 1-min load during its runs |",
+           "|---|---|---|---|---|---|"]
   for g in results["goals"]:
     load = g.get("load_max_1min")
     noisy = load is not None and load > threads
     load_s = "–" if load is None else f"{load:.1f}" + (" (above the thread count: unreliable)"
                                                        if noisy else "")
     if g["value"] is None:
-      lines.append(f"| {g['name']} | – | {g['op']} {g['target']} | not measured | {load_s} |")
+      lines.append(f"| {g['name']} | – | – | {g['op']} {g['target']} | not measured | {load_s} |")
       continue
-    state = "met" if g["met"] else f"MISSED (why: {_why(doc_dir)})"
-    v = f"{g['value'] * 100:.0f}%" if "peak" in g["name"] else f"{g['value']:.2f}x"
+    state = goal_state(g)
+    if not g["met"]:
+      state += f" (why: {_why(doc_dir)})"
+    each = ", ".join(_fmt_goal(g, r) for r in g.get("rounds") or []) or "–"
     t = f"{g['target'] * 100:.0f}%" if "peak" in g["name"] else f"{g['target']}x"
-    lines.append(f"| {g['name']} | {v} | {g['op']} {t} | {state} | {load_s} |")
+    lines.append(f"| {g['name']} | {_fmt_goal(g, g['value'])} | {each} | {g['op']} {t} | {state} "
+                 f"| {load_s} |")
   return lines
 
 
@@ -208,6 +226,56 @@ def _train_table(results, names, ref):
         f"{s['achieved_flops_per_s'] / 1e9:.0f} | {'–' if frac is None else f'{frac * 100:.0f}%'} | "
         f"{load} |" + (f" {QUIET_REFERENCE.get(n, '–')} |" if quiet else ""))
   return lines
+
+
+#: Rows of the README's performance table, in order.
+README_SYSTEMS = ["peftjax_lora", "torch_lora", "qwix_lora", "peftjax_full", "torch_full",
+                  "peftjax_qlora", "qwix_qlora", "torch_qlora"]
+
+
+def readme_block(results: dict) -> str:
+  """The README's performance section body: the run (date, machine, load, versions), the step
+  table and every goal with its state, all from the results JSON."""
+  meta, systems = results["meta"], results["systems"]
+  v, git = meta.get("versions", {}), meta.get("git", {})
+  threads = meta.get("threads") or 1
+  load_max = meta.get("load_max_1min")
+  quiet = load_max is not None and load_max <= threads
+  L = [f"Last run: {meta['started'][:10]}, {meta['cpu_count']} CPU cores ({threads} threads), "
+       f"{meta['rounds']} interleaved rounds of {meta['steps']} timed steps; 1-min load median "
+       f"{meta['load_median_1min']}, max {load_max} "
+       + ("(a quiet machine: the benchmark's own load)" if quiet else
+          "(**a loaded machine: these figures are not quotable**)")
+       + f"; jax {v.get('jax', '?')}, PyTorch {v.get('torch', '?')}, peft {v.get('peft', '?')}, "
+       f"qwix {v.get('qwix', '?')}; peftjax at {git.get('commit', '?')[:7]}"
+       + (" with local changes" if git.get("dirty_files") else "") + ".", "",
+       "| system | s/step, median (range over rounds) | vs HF PEFT LoRA | peak RSS |",
+       "|---|---|---|---|"]
+  ref = systems.get("torch_lora", {}).get("median_s")
+  for n in README_SYSTEMS:
+    s = systems.get(n, {})
+    if "median_s" not in s:
+      continue
+    name = NAMES[n] + (f", {s['bits_per_param']:.2f} bits/param" if s.get("bits_per_param") else "")
+    ratio = f"{s['median_s'] / ref:.2f}x" if ref else "–"
+    if n == "peftjax_lora":
+      name, ratio = f"**{name}**", f"**{ratio}**"
+    L.append(f"| {name} | {s['median_s']:.3f} ({s['min_s']:.3f}–{s['max_s']:.3f}) | {ratio} | "
+             f"{_gb(s.get('peak_rss_bytes'))} |")
+  L += ["", "Goals (a goal is met only if it holds in every round's own ratio):", ""]
+  for g in results["goals"]:
+    if g["value"] is None:
+      L.append(f"- {g['name']} {g['op']} {g['target']}: not measured")
+      continue
+    t = f"{g['target'] * 100:.0f}%" if "peak" in g["name"] else f"{g['target']}x"
+    each = ", ".join(_fmt_goal(g, r) for r in g.get("rounds") or [])
+    L.append(f"- {g['name']} {g['op']} {t}: {_fmt_goal(g, g['value'])}"
+             + (f" (rounds: {each})" if each else "") + f", **{goal_state(g)}**")
+  peak = results.get("matmul_peak", {})
+  if peak.get("jax_flops_per_s"):
+    L += ["", f"Matmul peak measured in the same run: JAX {peak['jax_flops_per_s'] / 1e9:.0f} "
+              f"GFLOP/s, PyTorch {(peak.get('torch_flops_per_s') or 0) / 1e9:.0f} GFLOP/s."]
+  return "\n".join(L)
 
 
 def write_report(results: dict, path: str, fig_dir: str, *, results_path: str | None = None):

@@ -280,6 +280,16 @@ def aggregate(records: list[dict], shape: dict) -> dict:
   for rec in records:
     if rec["group"] == "main":
       by.setdefault(rec["name"], []).append(rec)
+  n_rounds = 1 + max((r.get("round", 0) for r in records), default=0)
+
+  def by_round(recs, value):
+    """``value(result)`` of each round's run, in round order; None where the run failed."""
+    out = [None] * n_rounds
+    for r in recs:
+      if r["ok"]:
+        out[r.get("round", 0)] = value(r["result"])
+    return out
+
   systems = {}
   for name, recs in by.items():
     ok = [r["result"] for r in recs if r["ok"]]
@@ -293,10 +303,12 @@ def aggregate(records: list[dict], shape: dict) -> dict:
     if name.startswith("matmul_peak"):
       entry.update(peak_flops_per_s=max(r["peak_flops_per_s"] for r in ok),
                    median_flops_per_s=_med([r["median_flops_per_s"] for r in ok]), n=ok[0]["n"],
-                   round_peaks=[r["peak_flops_per_s"] for r in ok])
+                   round_peaks=[r["peak_flops_per_s"] for r in ok],
+                   by_round=by_round(recs, lambda r: r["peak_flops_per_s"]))
     elif name == "peftjax_infer":
       entry["forward"] = {v: {"median_s": _med([r["forward"][v]["median_s"] for r in ok]),
-                              "rounds_s": [r["forward"][v]["median_s"] for r in ok]}
+                              "rounds_s": [r["forward"][v]["median_s"] for r in ok],
+                              "by_round": by_round(recs, lambda r, v=v: r["forward"][v]["median_s"])}
                           for v in ("base", "merged", "lift")}
       entry["generate"] = {v: {"tokens_per_s": _med([r["generate"][v]["tokens_per_s"] for r in ok]),
                                "rounds": [r["generate"][v]["tokens_per_s"] for r in ok]}
@@ -306,6 +318,7 @@ def aggregate(records: list[dict], shape: dict) -> dict:
     else:
       meds = [r["median_s"] for r in ok]
       entry.update(median_s=_med(meds), min_s=min(meds), max_s=max(meds), rounds_s=meds,
+                   by_round=by_round(recs, lambda r: r["median_s"]),
                    peak_rss_bytes=_med([r.get("peak_rss_bytes") for r in ok]),
                    peak_rss_max_bytes=max(r.get("peak_rss_bytes") or 0 for r in ok),
                    rss_after_setup_bytes=_med([r.get("rss_after_setup_bytes") for r in ok]),
@@ -362,6 +375,27 @@ def derive(systems: dict, shape: dict) -> dict:
   frac = systems.get("peftjax_lora", {}).get("fraction_of_peak")
   if frac is not None:
     ratios["peftjax LoRA achieved FLOP/s / matmul peak"] = frac
+
+  def per_round(key, names):
+    """The goal's ratio measured within each round (both sides from the same round), or None."""
+    def div(a, b):
+      return [x / y if x is not None and y is not None else None for x, y in zip(a, b)]
+
+    def rounds(name):
+      return systems.get(name, {}).get("by_round") or []
+    if key == "merged forward / base forward":
+      f = inf.get("forward", {})
+      return div(f.get("merged", {}).get("by_round", []), f.get("base", {}).get("by_round", []))
+    if key == "peftjax LoRA achieved FLOP/s / matmul peak":
+      flops = systems.get("peftjax_lora", {}).get("analytic_flops")
+      round_peak = [max([p for p in ps if p is not None], default=None)
+                    for ps in zip(rounds("matmul_peak_jax"), rounds("matmul_peak_torch"))]
+      if not flops:
+        return []
+      return div([None if t is None else flops / t for t in rounds("peftjax_lora")], round_peak)
+    num, den = names  # a step-time ratio: the two systems it compares
+    return div(rounds(num), rounds(den))
+
   goal_spec = [  # (ratio, op, target, the runs it compares)
       ("peftjax LoRA / HF PEFT LoRA", "<=", 1.0, ("peftjax_lora", "torch_lora")),
       ("peftjax LoRA / qwix LoRA", "<=", 1.0, ("peftjax_lora", "qwix_lora")),
@@ -371,13 +405,20 @@ def derive(systems: dict, shape: dict) -> dict:
       ("peftjax LoRA achieved FLOP/s / matmul peak", ">=", 0.5,
        ("peftjax_lora", "matmul_peak_jax", "matmul_peak_torch")),
   ]
+  def meets(v, op, target):
+    return v <= target if op == "<=" else v >= target
+
   goals = []
   for key, op, target, names in goal_spec:
     v = ratios.get(key)
-    met = None if v is None else (v <= target if op == "<=" else v >= target)
+    rounds = [r for r in per_round(key, names) if r is not None]
+    # A goal is met only when it holds in every round's own ratio (and in the medians' ratio).
+    met_rounds = sum(meets(r, op, target) for r in rounds)
+    met = None if v is None else (meets(v, op, target) and met_rounds == len(rounds))
     loads = [l[0] for n in names for k in ("load_before", "load_after")
              for l in systems.get(n, {}).get(k, []) if l]
     goals.append({"name": key, "value": v, "op": op, "target": target, "met": met,
+                  "rounds": rounds, "met_rounds": met_rounds,
                   "systems": list(names), "load_max_1min": max(loads) if loads else None})
   return {"matmul_peak": {"jax_flops_per_s": peaks.get("matmul_peak_jax"),
                           "torch_flops_per_s": peaks.get("matmul_peak_torch"),
@@ -516,7 +557,7 @@ def main(argv=None):
   log(f"wrote {os.path.relpath(report, ROOT)}")
   for g in results["goals"]:
     v = "n/a" if g["value"] is None else f"{g['value']:.3f}"
-    state = "n/a" if g["met"] is None else ("met" if g["met"] else "MISSED")
+    state = report_lib.goal_state(g)
     log(f"  goal {g['name']:45s} {v:>7s} {g['op']} {g['target']}: {state}")
   failed = [r["name"] for r in records if not r["ok"]]
   if failed:

@@ -1,8 +1,14 @@
-"""Rewrites the README's classification table from ``results/compare_classification.json``.
+"""Rewrites the README's generated tables from the committed result JSON.
 
-The table sits between ``<!-- compare_classification:begin -->`` and
-``<!-- compare_classification:end -->``; nothing outside the markers changes. Run after
-``compare_classification.py`` (tests/test_readme.py checks that the README matches the JSON).
+Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; nothing outside the
+markers changes:
+
+* ``compare_classification``: the classification comparison, from
+  ``experiments/results/compare_classification.json`` (``compare_classification.py``);
+* ``benchmarks``: the performance section, from ``benchmarks/results/cpu.json``
+  (``benchmarks/run.py``; text from ``benchmarks/report.py:readme_block``).
+
+Run after either writes its JSON (tests/test_readme.py checks that the README matches the JSON).
 
     python experiments/readme_tables.py [--check]
 """
@@ -16,7 +22,6 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- compare_classification:begin -->", "<!-- compare_classification:end -->"
 
 
 def classification_table(results: dict) -> str:
@@ -37,12 +42,34 @@ def classification_table(results: dict) -> str:
   return "\n".join(out)
 
 
-def render(readme: str, results: dict) -> str:
-  if BEGIN not in readme or END not in readme:
-    raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-  head, rest = readme.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  return head + BEGIN + "\n" + classification_table(results) + "\n" + END + tail
+def benchmark_block(results: dict) -> str:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import report
+  return report.readme_block(results)
+
+
+#: block name -> (its results JSON, relative to the root; the function that renders it).
+BLOCKS = {
+    "compare_classification": ("experiments/results/compare_classification.json",
+                               classification_table),
+    "benchmarks": ("benchmarks/results/cpu.json", benchmark_block),
+}
+
+
+def render(readme: str, name: str, results: dict) -> str:
+  """``readme`` with block ``name`` rendered from ``results``."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  if begin not in readme or end not in readme:
+    raise SystemExit(f"README.md has no {begin} ... {end} block")
+  head, rest = readme.split(begin, 1)
+  _, tail = rest.split(end, 1)
+  return head + begin + "\n" + BLOCKS[name][1](results) + "\n" + end + tail
+
+
+def render_all(readme: str) -> str:
+  for name, (path, _) in BLOCKS.items():
+    readme = render(readme, name, json.loads((ROOT / path).read_text()))
+  return readme
 
 
 def main(argv=None):
@@ -51,9 +78,7 @@ def main(argv=None):
   ap.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
   a = ap.parse_args(argv)
   path = ROOT / "README.md"
-  results = json.loads((ROOT / "experiments" / "results" / "compare_classification.json")
-                       .read_text())
-  new = render(path.read_text(), results)
+  new = render_all(path.read_text())
   if a.check:
     sys.exit(0 if new == path.read_text() else 1)
   path.write_text(new)

@@ -22,12 +22,20 @@ def test_quickstart_job_loss_falls():
   assert "trainable params:" in out.stdout and "loss" in out.stdout
 
 
-def test_readme_classification_table_is_the_committed_json():
+def test_readme_tables_are_the_committed_json():
+  """The README's classification and performance tables are generated from the committed JSON."""
   sys.path.insert(0, str(ROOT / "experiments"))
-  import json
   import readme_tables
-  results = json.loads((ROOT / "experiments/results/compare_classification.json").read_text())
   text = (ROOT / "README.md").read_text()
-  assert readme_tables.render(text, results) == text, (
-      "README.md's classification table differs from the JSON: run "
-      "python experiments/readme_tables.py")
+  assert readme_tables.render_all(text) == text, (
+      "README.md's generated tables differ from the JSON: run python experiments/readme_tables.py")
+
+
+def test_readme_quotes_no_speed_figure_outside_the_generated_block():
+  """Step times and ratios against the peers come from benchmarks/results/cpu.json only."""
+  import re
+  text = (ROOT / "README.md").read_text()
+  begin, end = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+  outside = text.split(begin)[0] + text.split(end)[1]
+  section = outside.split("## Performance", 1)[1].split("\n## ", 1)[0]
+  assert not re.search(r"\d\.\d+x|\d+\.\d+ s/step|\d+% of", section), section
