@@ -59,7 +59,6 @@ from peftjax.train import TrainConfig, evaluate, train
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
-HEAD_TARGETS = r".*classifier.*"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,12 +476,18 @@ def _mark_output(out: Path, a, run: dict):
        "method": run["method"], "peftjax_version": peftjax.__version__}, indent=2) + "\n")
 
 
+def _head_targets(run: dict) -> str:
+  """The classification head of the run's model, as ``tasks.classification_task`` chose it."""
+  from peftjax import tasks
+  return tasks.classification_head(tasks.resolve_model(run["model"]))
+
+
 def _restored(run: dict, adapter: Path, params, model):
   from peftjax.io.checkpoint import restore_adapter
   if _method(run).refine is not None:
     template = params  # the refine stage changed the nodes: rebuild them from the manifest
   else:
-    template, _ = _tune(params, run, model, HEAD_TARGETS)
+    template, _ = _tune(params, run, model, _head_targets(run))
   with _user_input():
     return restore_adapter(adapter, template)
 
@@ -712,6 +717,9 @@ def cmd_train(a) -> dict:
     if baseline is not None:
       baseline.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
   tuned, with_head = _tune(task.params, run, task.model, task.head_targets)
+  if with_head and _trains_pooler(task):
+    print("the model is a sentence-transformers checkpoint, whose BERT pooler never trained: the "
+          "pooler trains with the classifier head", file=sys.stderr)
   mtask = _adapt(task, run)
   print(peftjax.summary(tuned).table(max_rows=15), file=sys.stderr)
   try:
@@ -734,6 +742,11 @@ def cmd_train(a) -> dict:
   return {"rows": rows, "result": res}
 
 
+def _trains_pooler(task) -> bool:
+  return bool(task.head_targets and re.fullmatch(task.head_targets, "pooler/dense/kernel")
+              and "pooler" in task.params)
+
+
 def _baseline_rows(a, task, cfg, lm: bool) -> list[dict]:
   """The base model's row and, for classification, the linear probe's."""
   rows = []
@@ -747,9 +760,10 @@ def _baseline_rows(a, task, cfg, lm: bool) -> list[dict]:
     probe_loader.restore({"epoch": 0, "index": 0})
     res = train(task.loss_fn, probe, probe_loader,
                 dataclasses.replace(cfg, out_dir=None, checkpoint_dir=None, learning_rate=1e-3,
-                                    label="linear probe"),
+                                    label="head only"),
                 eval_fn=task.eval_fn, eval_data=task.eval_batches)
-    rows.append(_row("base + trained head (linear probe)", res.params, res.eval_metrics, lm,
+    kind = "pooler + classifier" if _trains_pooler(task) else "linear probe"
+    rows.append(_row(f"base + trained head ({kind})", res.params, res.eval_metrics, lm,
                      _step_seconds(res.history)))
   return rows
 
@@ -897,6 +911,7 @@ def _write_labels(path: Path, labels: list):
 
 
 def cmd_export(a):
+  from peftjax import tasks
   from peftjax.io.hf_peft import save_hf_peft
   run, adapter = _read_run(a.adapter)
   method = _method(run)
@@ -914,7 +929,7 @@ def cmd_export(a):
   if run["kind"] == "classification":
     # The trained head is HF PEFT's modules_to_save: written beside the adapter, as plain weights.
     from peftjax._src import targeting
-    pat = re.compile(HEAD_TARGETS)
+    pat = re.compile(_head_targets(run))
     head = {p: peftjax.merge(x) for p, x in targeting.leaves_with_paths(tuned.params)
             if pat.fullmatch(p) and peftjax.is_node(x)}
     tuned = tuned.replace(params=targeting.map_selected(lambda p, x: head[p], tuned.params,
@@ -922,31 +937,11 @@ def cmd_export(a):
   if method.finalize is not None:
     tuned = method.finalize(tuned)
   with _user_input():
-    path = save_hf_peft(tuned, out, base_model_name_or_path=run["model"])
-    if head:
-      _add_modules_to_save(path, head)
+    path = save_hf_peft(tuned, out, base_model_name_or_path=run["model"], modules_to_save=[
+        next(c for c in p.split("/") if c in tasks.HEAD_MODULES) for p in head] or "auto")
     _mark_output(path, a, run)
   print(f"wrote the HF PEFT adapter ({method.name}) to {path}")
   return path
-
-
-def _add_modules_to_save(path: Path, head: dict):
-  """Adds the classification head to an HF PEFT directory as ``modules_to_save``."""
-  from safetensors.numpy import load_file, save_file
-  from peftjax.io.hf_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX
-  weights = load_file(path / ADAPTER_WEIGHTS)
-  modules = set()
-  for p, x in head.items():
-    comps = p.split("/")
-    module, leaf = ".".join(comps[:-1]), comps[-1]
-    x = np.asarray(jax.device_get(x))
-    name = {"kernel": "weight"}.get(leaf, leaf)
-    weights[f"{KEY_PREFIX}{module}.{name}"] = np.ascontiguousarray(x.T if leaf == "kernel" else x)
-    modules.add(comps[0])
-  save_file(weights, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-  cfg = json.loads((path / ADAPTER_CONFIG).read_text())
-  cfg["modules_to_save"] = sorted(modules)
-  (path / ADAPTER_CONFIG).write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -215,6 +215,27 @@ def _labeled_data(dataset: str, *, eval_data: Optional[str], text_column: str,
   return ([raw_texts[i] for i in tr], y[tr], [raw_texts[i] for i in te], y[te], labels)
 
 
+#: Top-level modules a classification head is made of: trained with every method (HF PEFT's
+#: ``modules_to_save``), whatever the method changes in the encoder.
+HEAD_MODULES = ("classifier", "pooler")
+
+
+def classification_head(model_path) -> str:
+  """A regex of the leaves that train with every method in sentence classification.
+
+  Always the ``classifier``. The BERT ``pooler`` (``tanh(dense(h[:, 0]))``) joins it when the
+  checkpoint is a sentence-transformers model (it has ``modules.json``): such models pool by
+  the mean of the token states, so their pooler never trained with the encoder (all-MiniLM-L6-v2's
+  is the initializer's: bias exactly 0, kernel std 0.009). Frozen, it is a random projection
+  that a method changing only the input (P-tuning, prefixes) must push all its signal through;
+  see docs/methods.md, P-tuning. A checkpoint trained with its pooler keeps it frozen.
+  """
+  from pathlib import Path
+  st = model_path is not None and (Path(model_path) / "modules.json").is_file()
+  mods = HEAD_MODULES if st else HEAD_MODULES[:1]
+  return rf"(.*/)?({'|'.join(mods)})(/.*)?"
+
+
 def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes", *,
                         batch_size: int = 32, max_len: int = 64, seed: int = 0,
                         eval_limit: Optional[int] = None, scan_layers: bool = False,
@@ -282,7 +303,7 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
                                               buckets=buckets, pad_id=pad, shuffle=False,
                                               drop_last=False)
   return Task("classification", m, params, tok, train_loader, test_loader.epoch_iter,
-              base_forward(m), _classification_objective, head_targets=r".*classifier.*",
+              base_forward(m), _classification_objective, head_targets=classification_head(path),
               labels=names)
 
 

@@ -289,6 +289,50 @@ def test_train_eval_export_merge_classification(capsys, files, tmp_path, caplog)
   assert "holds a finished run of another configuration (options differ" in line
 
 
+def test_a_sentence_transformers_pooler_trains_with_the_head_and_exports(capsys, files, tmp_path):
+  """A sentence-transformers checkpoint (``modules.json``) never trained its BERT pooler: it trains
+  with the classifier, and the HF PEFT export carries both as modules_to_save, so that PyTorch +
+  HF PEFT gives the logits peftjax gives."""
+  st = tmp_path / "st"
+  shutil.copytree(files / "bert", st)
+  (st / "modules.json").write_text("[]")
+  out = tmp_path / "run"
+  rc, _, err = run(capsys, "train", "--model", st, "--method", "prompt", "--n-tokens", "2",
+                   "--data", files / "reviews.csv", "--text-column", "review", "--label-column",
+                   "sentiment", "--steps", "2", "--batch-size", "4", "--seq-len", "8",
+                   "--lr", "0.1", "--no-baseline", "--out", out)
+  assert rc == 0, err
+  assert "whose BERT pooler never trained: the pooler trains with the classifier head" in err
+  rc, _, err = run(capsys, "export", "--adapter", out, "--out", tmp_path / "hf")
+  assert rc == 0, err
+  cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+  assert cfg["modules_to_save"] == ["classifier", "pooler"]
+  from safetensors.numpy import load_file
+  tensors = load_file(tmp_path / "hf" / "adapter_model.safetensors")
+  base = load_file(st / "model.safetensors")
+  pooler = tensors["base_model.bert.pooler.dense.weight"]  # prompt learning wraps the model itself
+  assert pooler.shape == (16, 16) and not np.allclose(pooler, base["pooler.dense.weight"])
+  # peftjax reads its own export back ...
+  from peftjax.io.hf import from_pretrained
+  from peftjax.io.hf_peft import load_hf_peft
+  model, params, tok = from_pretrained(st, task="sequence-classification", num_labels=2)
+  tree = load_hf_peft(tmp_path / "hf", params)
+  np.testing.assert_allclose(peftjax.as_tuned(tree).params["pooler"]["dense"]["kernel"], pooler.T,
+                             rtol=1e-6)
+  ids = np.asarray(tok(["good film", "awful plot story"], padding=True)["input_ids"], np.int32)
+  ours = np.asarray(peftjax.forward(model)(tree, ids, attention_mask=ids != 0))
+  assert peftjax.as_tuned(tree).prompt is not None
+  # ... and so does PyTorch + HF PEFT, with the same logits
+  torch = pytest.importorskip("torch", reason="PyTorch (the reference) is not installed")
+  peft = pytest.importorskip("peft", reason="HF PEFT (the reference) is not installed")
+  import transformers
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(st, num_labels=2).eval()
+  pm = peft.PeftModel.from_pretrained(hf, tmp_path / "hf").eval()
+  with torch.no_grad():
+    theirs = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 0)).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
 def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
   out = tmp_path / "run"
   argv = ["train", "--model", files / "llama", "--method", "prompt", "--n-tokens", "3",

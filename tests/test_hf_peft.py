@@ -241,8 +241,12 @@ def test_bert_keys_and_round_trip(tmp_path):
   out = save_hf_peft(tuned, tmp_path / "bert")
   keys = sorted(read_hf_peft(out).tensors)
   assert keys[0] == "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
-  assert len(keys) == 8
-  back = load_hf_peft(out, params)
+  # 2 layers x (query, value) x (A, B), and the classifier: HF PEFT's SEQ_CLS wrapper restores it
+  assert len(keys) == 10 and "base_model.model.classifier.weight" in keys
+  config = read_hf_peft(out).config
+  assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+  with pytest.warns(UserWarning, match="modules_to_save"):
+    back = load_hf_peft(out, params)
   for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)
 

@@ -24,12 +24,14 @@ components checked by :func:`safe_name`, so no name can read or write outside th
 from peftjax.io.hf_peft.load import (HfPeftAdapter, load_hf_peft, prefix_tuning_from_hf,
                                      prompt_tuning_from_hf, read_hf_peft)
 from peftjax.io.hf_peft.names import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILIES, KEY_PREFIX,
+                                      PROMPT_KEY_PREFIX, PROMPT_LEARNING,
                                       SUPPORTED_METHODS, detect_family, hf_module_name, safe_join,
                                       safe_name)
 from peftjax.io.hf_peft.save import save_hf_peft
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX", "FAMILIES", "HfPeftAdapter",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX", "PROMPT_KEY_PREFIX", "PROMPT_LEARNING",
+    "FAMILIES", "HfPeftAdapter",
     "SUPPORTED_METHODS", "safe_name", "safe_join", "hf_module_name", "detect_family",
     "read_hf_peft", "load_hf_peft", "save_hf_peft", "prompt_tuning_from_hf",
     "prefix_tuning_from_hf",

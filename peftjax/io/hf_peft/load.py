@@ -38,6 +38,7 @@ from peftjax._src import targeting
 from peftjax._src.nodes import is_node
 from peftjax._src.tuned import Tuned, as_tuned
 from peftjax.io.hf_peft.names import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILIES, KEY_PREFIX,
+                                      PROMPT_KEY_PREFIX,
                                       SUPPORTED_METHODS, _hf_params, _is_feedforward,
                                       _num_layers, _pattern_key, _Site, _sites, _targeted,
                                       _under_modules_to_save, detect_family, safe_join)
@@ -306,17 +307,26 @@ def load_hf_peft(path: str | os.PathLike, params, *, method: Optional[str] = Non
                      f"{', '.join(SUPPORTED_METHODS)}")
   tuned = as_tuned(params)
   inner = tuned.params
-  if pt in ("PROMPT_TUNING", "PREFIX_TUNING"):
-    slot, node = _load_prompt(adapter, inner, dtype)
-    if getattr(tuned, slot) is not None:
-      raise ValueError(f"{cfg_path}: the tree already has a {slot}; load the {pt} adapter onto "
-                       "the base parameters")
-    return tuned.replace(**{slot: node})
   family = family or detect_family(inner)
   if family not in FAMILIES:
     raise ValueError(f"unknown model family {family!r}; use one of {FAMILIES}")
   if hf_prefix is None:
     hf_prefix = _detect_bert_prefix(adapter.tensors) if family == "bert" else ""
+  if pt in ("PROMPT_TUNING", "PREFIX_TUNING"):
+    # the model's own tensors (modules_to_save, e.g. a classification head) beside the prompt
+    saved = [k for k in adapter.tensors if k.startswith(PROMPT_KEY_PREFIX)]
+    prompt_only = dataclasses.replace(adapter, tensors={
+        k: v for k, v in adapter.tensors.items() if k not in saved})
+    slot, node = _load_prompt(prompt_only, inner, dtype)
+    if getattr(tuned, slot) is not None:
+      raise ValueError(f"{cfg_path}: the tree already has a {slot}; load the {pt} adapter onto "
+                       "the base parameters")
+    tuned = tuned.replace(**{slot: node})
+    if saved:
+      new = _modules_to_save(adapter, inner, family, hf_prefix, saved, set(),
+                             key_prefix=PROMPT_KEY_PREFIX)
+      tuned = tuned.replace(params=targeting.map_selected(lambda p, leaf: new[p], inner, set(new)))
+    return tuned
   sites = _sites(inner, family, hf_prefix)
   if pt == "LORA":
     _check_lora_config(adapter.config, cfg_path)
@@ -391,14 +401,14 @@ def _check_modules(adapter: HfPeftAdapter, sites, found: dict, family: str, want
 
 
 def _modules_to_save(adapter: HfPeftAdapter, inner, family: str, hf_prefix: str, rest_keys,
-                     adapted: set) -> dict:
+                     adapted: set, key_prefix: str = KEY_PREFIX) -> dict:
   """Leaves replaced by ``modules_to_save`` tensors (and embeddings' saved ``base_layer``)."""
   where, mts = adapter.weights_path, adapter.config.get("modules_to_save")
   full = _hf_params(inner, family, hf_prefix)
   replacements: dict[str, dict] = collections.defaultdict(dict)  # leaf path -> {layer: ...}
   saved_modules = set()
   for k in rest_keys:
-    name = k[len(KEY_PREFIX):]
+    name = k[len(key_prefix):]
     base_layer = re.fullmatch(r"(.+)\.base_layer\.(weight|bias)", name)
     if base_layer and base_layer.group(1) in adapted:
       name = base_layer.group(1) + "." + base_layer.group(2)

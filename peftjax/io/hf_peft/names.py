@@ -40,13 +40,19 @@ from peftjax._src.nodes import is_node
 from peftjax._src.tuned import as_tuned
 from peftjax.lora import STACKED_PATH, default_layout
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX", "FAMILIES", "SUPPORTED_METHODS",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX", "PROMPT_KEY_PREFIX", "PROMPT_LEARNING",
+           "FAMILIES", "SUPPORTED_METHODS",
            "safe_name", "safe_join", "detect_family", "hf_module_name"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: Every key of a saved HF PEFT LoRA/IA3 adapter starts with this.
 KEY_PREFIX = "base_model.model."
+#: A prompt-learning adapter (prompt, prefix, P-tuning) wraps the model itself, not a tuner: its
+#: ``modules_to_save`` tensors (e.g. a classification head) are keyed under this.
+PROMPT_KEY_PREFIX = "base_model."
+#: ``peft_type`` values of prompt-learning adapters.
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 FAMILIES = ("llama", "bert", "generic")
 #: ``peft_type`` values :func:`load_hf_peft` and :func:`save_hf_peft` handle.
 SUPPORTED_METHODS = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")

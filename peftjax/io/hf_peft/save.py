@@ -27,11 +27,12 @@ import jax
 import numpy as np
 
 from peftjax._src import targeting
-from peftjax._src.nodes import is_node, node_types
+from peftjax._src.nodes import is_node, materialize, node_types
 from peftjax._src.tuned import Tuned, as_tuned
 from peftjax.io.hf_peft.names import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FAMILIES, KEY_PREFIX,
-                                      SUPPORTED_METHODS, _is_feedforward, _matches, _num_layers,
-                                      _sites, detect_family, safe_join)
+                                      PROMPT_KEY_PREFIX, PROMPT_LEARNING, SUPPORTED_METHODS,
+                                      _is_feedforward, _matches, _num_layers, _sites,
+                                      detect_family, hf_module_name, safe_join)
 from peftjax.io.safetensors import write_safetensors
 
 __all__ = ["save_hf_peft"]
@@ -137,7 +138,8 @@ def _formats() -> str:
 def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None,
                  hf_prefix: Optional[str] = None, adapter_name: Optional[str] = None,
                  task_type: Optional[str] = "auto", base_model_name_or_path: Optional[str] = None,
-                 rslora: bool = False, dtype=None, extra_config: Optional[dict] = None) -> Path:
+                 rslora: bool = False, dtype=None, extra_config: Optional[dict] = None,
+                 modules_to_save: Any = "auto") -> Path:
   """Writes the adapter of ``tuned`` as a Hugging Face PEFT adapter directory.
 
   The method follows from the nodes' ``hf_peft_type`` declarations:
@@ -158,13 +160,18 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
     family, hf_prefix: name mapping (see :func:`hf_module_name`); default from the tree
       (BERT: ``"bert."`` when the tree has a ``classifier``, else ``""``).
     adapter_name: write to ``path/adapter_name`` (checked with :func:`safe_name`).
-    task_type: HF ``task_type``; ``"auto"``: ``"CAUSAL_LM"`` for Llama, else None.
+    task_type: HF ``task_type``; ``"auto"``: ``"CAUSAL_LM"`` for Llama, ``"SEQ_CLS"`` for a
+      tree with a ``classifier``, else None.
     base_model_name_or_path: recorded in the config.
     rslora: LoRA: record ``use_rslora`` (alpha is then ``scale * sqrt(r)``); either way HF PEFT
       recomputes exactly each node's ``scale``.
     dtype: dtype of the saved tensors (default: the adapters').
     extra_config: more config fields (e.g. :attr:`HfPeftAdapter.config` fields to carry over);
       the computed ones win.
+    modules_to_save: top-level modules of the tree (``"classifier"``, ``"pooler"``) written
+      whole, as plain weights, as HF PEFT's ``modules_to_save`` (a trained head). ``"auto"``:
+      the ``classifier`` for ``SEQ_CLS`` (HF PEFT's wrapper for that task always restores it),
+      else none.
 
   Returns:
     The adapter directory.
@@ -202,9 +209,15 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
     hf_prefix = ("bert." if isinstance(inner, Mapping) and "classifier" in inner else "") \
         if family == "bert" else ""
   if task_type == "auto":
-    task_type = "CAUSAL_LM" if family == "llama" else None
+    # HF PEFT picks the model wrapper by task_type; a prompt on a classifier needs SEQ_CLS's
+    # (the generic wrapper handles prompts differently and gives other logits).
+    classifier = isinstance(inner, Mapping) and "classifier" in inner
+    task_type = "CAUSAL_LM" if family == "llama" else "SEQ_CLS" if classifier else None
+  if isinstance(modules_to_save, str) and modules_to_save == "auto":
+    modules_to_save = ("classifier",) if task_type == "SEQ_CLS" else ()
+  modules_to_save = sorted(set(modules_to_save or ()))
   common = {"task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-            "revision": None, "inference_mode": True, "modules_to_save": None}
+            "revision": None, "inference_mode": True, "modules_to_save": modules_to_save or None}
   cast = (lambda x: np.asarray(x).astype(dtype)) if dtype is not None else np.asarray
   if method == "PROMPT_TUNING":
     config, tensors = _prompt_config(cast(jax.device_get(tuned.prompt.materialize())),
@@ -226,6 +239,9 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
       config, tensors = _lora_config(adapted, all_modules, rslora, cast)
     else:
       config, tensors = _ia3_config(adapted, all_modules, cast)
+  tensors = list(tensors) + _saved_modules(inner, modules_to_save, family, hf_prefix,
+                                           PROMPT_KEY_PREFIX if method in PROMPT_LEARNING
+                                           else KEY_PREFIX, cast)
   config.update(common)
   for k, v in (extra_config or {}).items():  # computed fields always win
     if k not in config or (config[k] is None and k in ("base_model_name_or_path", "revision")):
@@ -314,6 +330,25 @@ def _prefix_config(prefix: np.ndarray) -> tuple[dict, list]:
             "num_transformer_submodules": 1, "num_attention_heads": heads, "num_layers": L,
             "encoder_hidden_size": heads * hd, "prefix_projection": False}
   return config, [("prompt_embeddings", emb)]
+
+
+def _saved_modules(inner, modules: Sequence[str], family: str, hf_prefix: str, key_prefix: str,
+                   cast) -> list[tuple[str, np.ndarray]]:
+  """The tensors of whole top-level ``modules`` under their HF names (nodes materialized)."""
+  out = []
+  for module in modules:
+    if not isinstance(inner, Mapping) or module not in inner:
+      have = sorted(inner) if isinstance(inner, Mapping) else []
+      raise ValueError(f"modules_to_save: the tree has no top-level module {module!r} (it has "
+                       f"{have})")
+    for p, leaf in targeting.leaves_with_paths(inner[module]):
+      comps = [module] + p.split("/")
+      name = hf_module_name(comps[:-1], family, hf_prefix=hf_prefix) if len(comps) > 1 else ""
+      x = cast(jax.device_get(materialize(leaf)))
+      kernel = comps[-1] == "kernel"
+      key = f"{key_prefix}{name}.{'weight' if kernel else comps[-1]}"
+      out.append((key, np.ascontiguousarray(x.T if kernel else x)))
+  return out
 
 
 def _write_adapter(directory: Path, config: dict, tensors: Sequence[tuple[str, np.ndarray]]):
