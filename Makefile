@@ -48,7 +48,7 @@ test: test-311 test-newest
 
 test-311: $(STAMP)
 	$(PY) -c 'import sys, jax; print("== tests on Python", sys.version.split()[0], "jax", jax.__version__)'
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 ifeq ($(strip $(NEWEST_PYTHON)),)
 test-newest:
@@ -56,7 +56,7 @@ test-newest:
 else
 test-newest: $(NEWEST_STAMP)
 	$(NEWEST)/bin/python -c 'import sys, jax; print("== tests on Python", sys.version.split()[0], "jax", jax.__version__)'
-	$(NEWEST)/bin/python -m pytest -n 2 --durations=15 tests
+	$(NEWEST)/bin/python -m pytest -n 2 --dist worksteal --durations=15 tests
 endif
 
 # peftjax vs HF PEFT (PyTorch) vs qwix, one report: docs/benchmarks.md (~20 min on 2 cores).
