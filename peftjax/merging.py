@@ -25,7 +25,7 @@ The rules on task tensors ``X_i`` (per kernel and per layer of a layer-stacked k
   ``sign(sum_i X_i)`` (``majority_sign_method="total"``) or ``sign(sum_i sign(X_i))``
   (``"frequency"``), ties to ``+``; ``sum_i c_i X_i [sign(X_i) = elected] / max(1, #agreeing)``;
 * ``dare_linear`` / ``dare_ties`` (Yu et al., 2024): keep each entry with probability
-  ``density`` and divide by ``density`` (a Bernoulli mask from ``key``, see :func:`keep_mask`),
+  ``density`` and divide by ``density`` (Bernoulli masks from ``key``, see :func:`dare_masks`),
   then the linear sum / ``ties``' sign election and disjoint mean.
 
 The merged nodes have scale 1 (HF PEFT sets ``lora_alpha = r``). With one adapter every method
@@ -41,6 +41,7 @@ is ``linear`` (as in HF PEFT).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -50,32 +51,70 @@ from jax import lax
 
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node
-from peftjax.lora import LoraWeight
+from peftjax.lora import LoraWeight, _delta
 
-__all__ = ["METHODS", "merge_adapters", "keep_mask"]
+__all__ = ["METHODS", "merge_adapters", "dare_masks"]
 
 _FACTOR = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 #: The ``method`` values of :func:`merge_adapters`.
 METHODS = ("cat",) + _SVD + _FACTOR
-_PARTS = {"a": 0, "b": 1, "delta": 2}
 _HI = lax.Precision.HIGHEST
 
 
-def keep_mask(key, path: str, index: int, part: str, shape, density: float):
-  """The DARE keep mask :func:`merge_adapters` draws: ``bernoulli(k, density, shape)`` with
-  ``k = fold_in(fold_in(fold_in(key, crc32(path)), index), part)``.
+def _mask_layout(paths, meta, factors, rule):
+  """``[(path, index, part, shape)]`` of every DARE mask of a merge, in drawing order: the
+  first tree's LoRA kernels in its flatten order, then the adapters in the mapping's order, then
+  ``a`` and ``b`` (or the kernel-shaped ``delta`` for the ``*_svd`` rules)."""
+  out = []
+  for p, m, abs_ in zip(paths, meta, factors):
+    for i, (a, b) in enumerate(abs_):
+      if rule.endswith("_svd"):
+        nb = a.ndim - m[i][1] - 1
+        out.append((p, i, "delta", tuple(a.shape[:-1]) + tuple(b.shape[nb + 1:])))
+      else:
+        out.extend([(p, i, "a", tuple(a.shape)), (p, i, "b", tuple(b.shape))])
+  return out
 
-  Args:
-    key: the ``key`` given to :func:`merge_adapters`.
-    path: the kernel's path (``"layers/mlp/up_proj/kernel"``).
-    index: the adapter's position in the ``adapters`` mapping.
-    part: ``"a"`` or ``"b"`` (the factor rules) or ``"delta"`` (the ``*_svd`` rules).
-    shape: the masked array's shape (``a``'s, ``b``'s or the kernel's).
-    density: the keep probability.
+
+def dare_masks(adapters: Mapping[str, Any], *, method: str, density: float, key) -> dict:
+  """The DARE keep masks :func:`merge_adapters` draws for these arguments (to reproduce or
+  inspect a merge): ``{path: [{"a": mask, "b": mask} or {"delta": mask} per adapter]}``.
+
+  All masks of one merge come from one ``jax.random.bernoulli(key, density, (N,))``, cut in the
+  order of :func:`_mask_layout`.
   """
-  k = jax.random.fold_in(jax.random.fold_in(targeting.path_key(key, path), index), _PARTS[part])
-  return jax.random.bernoulli(k, density, tuple(shape))
+  if not str(method).startswith("dare"):
+    raise ValueError(f"dare_masks: method {method!r} draws no masks; use one of "
+                     f"{[m for m in METHODS if m.startswith('dare')]}")
+  names = list(adapters)
+  nodes = [dict(_nodes(adapters[n], n)) for n in names]
+  paths = list(nodes[0])
+  meta = [[(nd[p].scale, nd[p].n_in) for nd in nodes] for p in paths]
+  factors = [[(nd[p].a, nd[p].b) for nd in nodes] for p in paths]
+  drawn = _draw(_as_key(key), _mask_layout(paths, meta, factors, method), density)
+  out = {p: [{} for _ in names] for p in paths}
+  for (p, i, part), m in drawn.items():
+    out[p][i][part] = m
+  return out
+
+
+def _as_key(key):
+  if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(key)
+  return key
+
+
+def _draw(key, layout, density):
+  """One Bernoulli draw for all masks of a merge (one random call compiles far faster than one
+  per mask), cut into the masks: ``{(path, index, part): mask}``."""
+  sizes = [math.prod(shape) for *_, shape in layout]
+  keep = jax.random.bernoulli(key, density, (sum(sizes),))
+  out, off = {}, 0
+  for (p, i, part, shape), n in zip(layout, sizes):
+    out[p, i, part] = keep[off:off + n].reshape(shape)
+    off += n
+  return out
 
 
 # -- the rules on task tensors ------------------------------------------------------------------
@@ -139,7 +178,7 @@ def merge_adapters(adapters: Mapping[str, Any], weights, *, method: str = "svd",
     density: the fraction of entries kept, in ``[0, 1]``: needed by ``ties``, ``dare_*`` and
       ``magnitude_prune`` (and their ``_svd`` forms).
     majority_sign_method: ``"total"`` or ``"frequency"``, for the ``ties`` rules.
-    key: PRNG key of the DARE masks (:func:`keep_mask`); needed by the ``dare_*`` methods.
+    key: PRNG key of the DARE masks (:func:`dare_masks`); needed by the ``dare_*`` methods.
 
   Returns:
     The first adapter's tree with every LoRA node replaced by the merged node (scale 1; rank:
@@ -178,9 +217,15 @@ def merge_adapters(adapters: Mapping[str, Any], weights, *, method: str = "svd",
   if not paths:
     raise ValueError(f"merge_adapters: adapter {names[0]!r} holds no LoRA node")
 
-  merged = {p: _merge_one(p, [nd[p] for nd in nodes], names, coeffs, rule, svd_rank=svd_rank,
-                          density=density, majority_sign_method=majority_sign_method, key=key)
-            for p in paths}
+  per_path = [[nd[p] for nd in nodes] for p in paths]
+  for p, nds in zip(paths, per_path):
+    _check_nodes(p, nds, names, rule, svd_rank)
+  meta = tuple(tuple((nd.scale, nd.n_in) for nd in nds) for nds in per_path)
+  factors = [[(nd.a, nd.b) for nd in nds] for nds in per_path]
+  out = _merge_all(tuple(paths), meta, tuple(coeffs), rule, svd_rank, density,
+                   majority_sign_method, factors, key)
+  merged = {p: nds[0].replace(a=a, b=b, scale=1.0) for p, nds, (a, b) in
+            zip(paths, per_path, out)}
 
   def visit(path, leaf):
     return merged.get(targeting.path_str(path), leaf) if isinstance(leaf, LoraWeight) else leaf
@@ -227,9 +272,8 @@ def _check_inputs(adapters, weights, method, density, majority_sign_method, key,
   if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int)
                                or svd_rank < 1):
     raise ValueError(f"merge_adapters: svd_rank must be a positive integer, got {svd_rank!r}")
-  if key is not None and isinstance(key, jax.Array) and not jnp.issubdtype(
-      key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key)
+  if key is not None:
+    key = _as_key(key)
   return names, [adapters[n] for n in names], [float(c) for c in coeffs], key
 
 
@@ -244,49 +288,72 @@ def _nodes(tree, name):
   return out
 
 
-def _merge_one(path, nodes, names, coeffs, rule, *, svd_rank, density, majority_sign_method,
-               key):
+def _check_nodes(path, nodes, names, rule, svd_rank):
   first = nodes[0]
   for n, node in zip(names[1:], nodes[1:]):
     if node.shape != first.shape or node.n_in != first.n_in or node.n_batch != first.n_batch:
       raise ValueError(f"merge_adapters: {path} is {list(node.shape)} (n_in={node.n_in}) in "
                        f"adapter {n!r} but {list(first.shape)} (n_in={first.n_in}) in "
                        f"{names[0]!r}")
-  nb, ni = first.n_batch, first.n_in
   ranks = [node.rank for node in nodes]
-  dtype = first.a.dtype
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  if rule == "cat":
-    a = jnp.concatenate([f32(nd.a) * (c * nd.scale) for nd, c in zip(nodes, coeffs)], axis=-1)
-    b = jnp.concatenate([f32(nd.b) for nd in nodes], axis=nb)
-  elif rule in _FACTOR:
-    if len(set(ranks)) != 1:
-      raise ValueError(f"merge_adapters: method {rule!r} needs equal ranks, but {path} has "
-                       f"{dict(zip(names, ranks))}; use 'cat' or 'svd'")
-    ws = [c * nd.scale for nd, c in zip(nodes, coeffs)]
-    ca = [math.copysign(math.sqrt(abs(w)), 1.0 if w >= 0 else -1.0) for w in ws]
-    cb = [math.sqrt(abs(w)) for w in ws]
-    opts = dict(density=density, majority_sign_method=majority_sign_method, n_batch=nb)
-    keeps = lambda part: ([keep_mask(key, path, i, part, getattr(nd, part).shape, density)
-                           for i, nd in enumerate(nodes)] if rule.startswith("dare") else None)
-    a = _combine(rule, [f32(nd.a) for nd in nodes], ca, keeps=keeps("a"), **opts)
-    b = _combine(rule, [f32(nd.b) for nd in nodes], cb, keeps=keeps("b"), **opts)
-  else:
-    k_dim = math.prod(first.shape[nb:nb + ni])
-    n_dim = math.prod(first.shape[nb + ni:])
+  if rule in _FACTOR and len(set(ranks)) != 1:
+    raise ValueError(f"merge_adapters: method {rule!r} needs equal ranks, but {path} has "
+                     f"{dict(zip(names, ranks))}; use 'cat' or 'svd'")
+  if rule in _SVD:
+    nb, ni = first.n_batch, first.n_in
+    k_dim, n_dim = math.prod(first.shape[nb:nb + ni]), math.prod(first.shape[nb + ni:])
     new_rank = svd_rank or max(ranks)
     if new_rank > min(k_dim, n_dim):
       raise ValueError(f"merge_adapters: svd_rank={new_rank} is larger than {path} allows: it maps "
                        f"{k_dim} inputs to {n_dim} outputs, so rank <= {min(k_dim, n_dim)}")
-    deltas = [f32(nd.delta()) for nd in nodes]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _merge_all(paths, meta, coeffs, rule, svd_rank, density, majority_sign_method, factors, key):
+  """Every kernel's merged ``(a, b)``, compiled as one program (eager op-by-op would compile
+  each op for each shape)."""
+  masks = (_draw(key, _mask_layout(paths, meta, factors, rule), density)
+           if rule.startswith("dare") and density < 1 else None)
+  return [_merge_one(p, m, ab, coeffs, rule, svd_rank=svd_rank, density=density,
+                     majority_sign_method=majority_sign_method, masks=masks)
+          for p, m, ab in zip(paths, meta, factors)]
+
+
+def _merge_one(path, meta, factors, coeffs, rule, *, svd_rank, density, majority_sign_method,
+               masks):
+  """``(a, b)`` of one kernel from the adapters' ``(a, b)`` and static ``(scale, n_in)``."""
+  n_in = meta[0][1]
+  a0, b0 = factors[0]
+  nb = a0.ndim - n_in - 1
+  dtype = a0.dtype
+  scales = [sc for sc, _ in meta]
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  if rule == "cat":
+    a = jnp.concatenate([f32(a_) * (c * sc) for (a_, _), c, sc in zip(factors, coeffs, scales)],
+                        axis=-1)
+    b = jnp.concatenate([f32(b_) for _, b_ in factors], axis=nb)
+  elif rule in _FACTOR:
+    ws = [c * sc for c, sc in zip(coeffs, scales)]
+    ca = [math.copysign(math.sqrt(abs(w)), 1.0 if w >= 0 else -1.0) for w in ws]
+    cb = [math.sqrt(abs(w)) for w in ws]
+    opts = dict(density=density, majority_sign_method=majority_sign_method, n_batch=nb)
+    keeps = lambda part: ([masks[path, i, part] for i in range(len(factors))]
+                          if masks is not None else None)
+    a = _combine(rule, [f32(a_) for a_, _ in factors], ca, keeps=keeps("a"), **opts)
+    b = _combine(rule, [f32(b_) for _, b_ in factors], cb, keeps=keeps("b"), **opts)
+  else:
+    in_shape, out_shape = a0.shape[nb:nb + n_in], b0.shape[nb + 1:]
+    bshape = a0.shape[:nb]
+    k_dim, n_dim = math.prod(in_shape), math.prod(out_shape)
+    new_rank = svd_rank or max(a_.shape[-1] for a_, _ in factors)
+    deltas = [_delta(f32(a_), f32(b_), sc, n_in) for (a_, b_), sc in zip(factors, scales)]
     sub = rule[:-len("_svd")] if rule != "svd" else "linear"
-    keeps = ([keep_mask(key, path, i, "delta", first.shape, density) for i in range(len(nodes))]
-             if sub.startswith("dare") else None)
+    keeps = ([masks[path, i, "delta"] for i in range(len(factors))]
+             if masks is not None else None)
     delta = _combine(sub, deltas, coeffs, density=density,
                      majority_sign_method=majority_sign_method, n_batch=nb, keeps=keeps)
-    bshape = first.shape[:nb]
     u, s_vals, vt = jnp.linalg.svd(delta.reshape(*bshape, k_dim, n_dim), full_matrices=False)
-    a = u[..., :, :new_rank].reshape(*bshape, *first.shape[nb:nb + ni], new_rank)
-    b = (s_vals[..., :new_rank, None] * vt[..., :new_rank, :]).reshape(
-        *bshape, new_rank, *first.shape[nb + ni:])
-  return first.replace(a=a.astype(dtype), b=b.astype(dtype), scale=1.0)
+    a = u[..., :, :new_rank].reshape(*bshape, *in_shape, new_rank)
+    b = (s_vals[..., :new_rank, None] * vt[..., :new_rank, :]).reshape(*bshape, new_rank,
+                                                                       *out_shape)
+  return a.astype(dtype), b.astype(dtype)

@@ -199,9 +199,9 @@ def test_loftq_lowers_the_quantization_error():
   print(f"LoftQ: relative error ||W - (deq(Q) + s A B)|| / ||W||: QLoRA {errs['qlora']:.4f}, "
         f"LoftQ 1 iter {errs[1]:.4f} ({errs[1] / errs['qlora']:.2f}x), "
         f"4 iters {errs[4]:.4f} ({errs[4] / errs['qlora']:.2f}x)")
-  # measured: 0.058 -> 0.045 (0.77x) -> 0.043 (0.74x)
+  # measured: 0.092 -> 0.072 (0.78x) after one iteration -> 0.065 (0.70x) after four
   assert errs[1] < 0.85 * errs["qlora"]
-  assert errs[4] < errs[1]
+  assert errs[4] < 0.75 * errs["qlora"] and errs[4] < errs[1]
   # same quantization in both: with one iteration the base is QLoRA's own
   lq1 = peftjax.qlora.apply(params, rank=8, init="loftq")
   np.testing.assert_array_equal(lq1["mlp"]["up_proj"]["kernel"].w.codes,
