@@ -45,6 +45,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Optional
@@ -161,12 +162,24 @@ def loftq(w, rank: int, scale: float, *, n_batch: int, n_in: int, num_iter: int 
   for i in range(num_iter):
     q = quantize_array(res.reshape(w.shape).astype(w.dtype), layout=(n_batch, n_in), path=path,
                        **quant)
-    err = target - _matrix(q.materialize(), n_batch, n_in)
-    u, s_vals, vt = jnp.linalg.svd(err, full_matrices=False)
-    a, b = _split_sv(u, s_vals, vt, rank, scale)
+    a, b = _fit(target - _matrix(q.materialize(), n_batch, n_in), rank=rank, scale=scale)
     if i + 1 < num_iter:
       res = target - scale * jnp.matmul(a, b, precision=_HI)
   return q, a, b
+
+
+@functools.partial(jax.jit, static_argnames=("init", "rank", "scale", "niter"))
+def _decompose(m, key, *, init, rank, scale, niter):
+  """PiSSA or OLoRA as one compiled program per kernel shape (eager, each op would compile)."""
+  if init == "olora":
+    return olora(m, rank, scale)
+  return pissa(m, rank, scale, niter=niter, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "scale"))
+def _fit(err, *, rank, scale):
+  u, s_vals, vt = jnp.linalg.svd(err, full_matrices=False)
+  return _split_sv(u, s_vals, vt, rank, scale)
 
 
 def initialize(init: str, w, *, rank: int, scale: float, layout: tuple[int, int], dtype, key,
@@ -205,12 +218,10 @@ def initialize(init: str, w, *, rank: int, scale: float, layout: tuple[int, int]
     base, a, b = loftq(w, rank, scale, n_batch=n_batch, n_in=n_in, num_iter=loftq_iter,
                        quant=loftq_quant, path=path)
   else:
-    m = _matrix(w, n_batch, n_in)
-    if init == "olora":
-      res, a, b = olora(m, rank, scale)
-    else:
-      niter = _NITER.fullmatch(init)
-      res, a, b = pissa(m, rank, scale, niter=int(niter.group(1)) if niter else None, key=key)
+    niter = _NITER.fullmatch(init)
+    res, a, b = _decompose(_matrix(w, n_batch, n_in), key, init="olora" if init == "olora" else
+                           "pissa", rank=rank, scale=scale,
+                           niter=int(niter.group(1)) if niter else None)
     base = res.reshape(shape).astype(w.dtype)
   a = a.reshape(*bshape, *in_shape, rank).astype(dtype)
   b = b.reshape(*bshape, rank, *out_shape).astype(dtype)

@@ -15,15 +15,16 @@ from peftjax.lora import LoraWeight
 from peftjax.quant import QuantizedWeight
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "hf_peft_tiny_llama"
-KEYS = jax.random.split(jax.random.key(3), 4)
+X = jnp.asarray(np.random.RandomState(4).randn(5, 32), jnp.float32)
 
 
 def _params(dtype=jnp.float32):
   """A 2-D kernel, a layer-stacked one and a DenseGeneral one ([d, heads, head_dim])."""
+  rs = np.random.RandomState(3)
   return {
-      "attn": {"q_proj": {"kernel": jax.random.normal(KEYS[0], (32, 24), dtype)},
-               "o_proj": {"kernel": jax.random.normal(KEYS[1], (12, 2, 8), dtype)}},
-      "layers": {"mlp": {"up_proj": {"kernel": jax.random.normal(KEYS[2], (2, 16, 24), dtype)}}},
+      "attn": {"q_proj": {"kernel": jnp.asarray(rs.randn(32, 24), dtype)},
+               "o_proj": {"kernel": jnp.asarray(rs.randn(12, 2, 8), dtype)}},
+      "layers": {"mlp": {"up_proj": {"kernel": jnp.asarray(rs.randn(2, 16, 24), dtype)}}},
   }
 
 
@@ -60,7 +61,7 @@ def test_residual_plus_adapter_is_the_original(init):
     assert float(jnp.abs(node.w - orig[p]).max()) > 0.1
     np.testing.assert_allclose(node.w + node.delta(), orig[p], atol=1e-5)
   # the model's output at step 0, lifted, with and without jit
-  x = jax.random.normal(KEYS[3], (5, 32))
+  x = X
   f = lambda t, x: x @ t["attn"]["q_proj"]["kernel"]
   for fn in (peftjax.lift(f), jax.jit(peftjax.lift(f))):
     np.testing.assert_allclose(fn(tuned, x), f(params, x), atol=1e-4)
@@ -97,9 +98,8 @@ def test_pissa_and_olora_formulas_against_numpy():
 
 def test_randomized_pissa_finds_the_principal_subspace():
   # a kernel with a clear spectral gap: rank-4 signal + small noise
-  k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
-  w = (jax.random.normal(k1, (48, 4)) @ jax.random.normal(k2, (4, 40)) +
-       0.01 * jax.random.normal(k3, (48, 40)))
+  rs = np.random.RandomState(5)
+  w = jnp.asarray(rs.randn(48, 4) @ rs.randn(4, 40) + 0.01 * rs.randn(48, 40), jnp.float32)
   full = peftjax.lora.apply({"q_proj": {"kernel": w}}, rank=4, init="pissa")["q_proj"]["kernel"]
   fast = peftjax.lora.apply({"q_proj": {"kernel": w}}, rank=4, init="pissa_niter_2",
                             key=jax.random.key(1))["q_proj"]["kernel"]
@@ -139,9 +139,9 @@ def _hf_linears(torch, kernels):
 def test_parity_with_hf_peft_init(init):
   torch = pytest.importorskip("torch", reason="PyTorch (the reference) is not installed")
   peft = pytest.importorskip("peft", reason="HF PEFT (the reference) is not installed")
-  ks = jax.random.split(jax.random.key(11), 2)
-  kernels = {"q_proj": np.asarray(jax.random.normal(ks[0], (32, 24))),
-             "v_proj": np.asarray(jax.random.normal(ks[1], (16, 40)))}
+  rs = np.random.RandomState(11)
+  kernels = {"q_proj": rs.randn(32, 24).astype(np.float32),
+             "v_proj": rs.randn(16, 40).astype(np.float32)}
   pm = peft.get_peft_model(_hf_linears(torch, kernels), peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=list(kernels), init_lora_weights=init))
   tuned = peftjax.lora.apply({n: {"kernel": jnp.asarray(k)} for n, k in kernels.items()},
@@ -157,14 +157,17 @@ def test_parity_with_hf_peft_init(init):
     sign = np.sign(np.sum(a * a_hf, axis=0))
     np.testing.assert_allclose(a * sign, a_hf, atol=1e-4, err_msg=n)
     np.testing.assert_allclose(b * sign[:, None], b_hf, atol=1e-4, err_msg=n)
-    np.testing.assert_allclose(np.asarray(node.w), w_hf, atol=1e-5, err_msg=n)
+    # QR agrees to f32 rounding; two f32 SVDs (of W and of W^T) to ~1e-6 of the top singular
+    # value (here ~10), which the residual inherits
+    np.testing.assert_allclose(np.asarray(node.w), w_hf, atol=1e-5 if init == "olora" else 5e-5,
+                               err_msg=n)
     assert np.isclose(node.scale, layer.scaling["default"])
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_gradients_flow_after_init(jit):
   params = _params()
-  x = jax.random.normal(KEYS[3], (5, 32))
+  x = X
   f = lambda t: jnp.sum(jnp.tanh(x @ t["attn"]["q_proj"]["kernel"]) ** 2)
   for init in ("pissa", "olora"):
     tuned = peftjax.lora.apply(params, rank=4, alpha=8, targets=["q_proj"], init=init)
@@ -183,9 +186,9 @@ def test_gradients_flow_after_init(jit):
 
 def test_loftq_lowers_the_quantization_error():
   # a weight-like kernel: a decaying spectrum plus a few outliers
-  k1, k2, k3 = jax.random.split(jax.random.key(21), 3)
-  w = (jax.random.normal(k1, (128, 16)) @ jax.random.normal(k2, (16, 64)) * 0.05
-       + jax.random.normal(k3, (128, 64)) * 0.02)
+  rs = np.random.RandomState(21)
+  w = jnp.asarray(rs.randn(128, 16) @ rs.randn(16, 64) * 0.05 + rs.randn(128, 64) * 0.02,
+                  jnp.float32)
   params = {"mlp": {"up_proj": {"kernel": w}}, "layers": {"mlp": {"down_proj": {
       "kernel": jnp.stack([w[:64].T * 2, w[64:].T])}}}}
   plain = peftjax.qlora.apply(params, rank=8, alpha=16)
@@ -214,22 +217,21 @@ def test_loftq_lowers_the_quantization_error():
 
 def test_qpissa_quantizes_the_residual():
   params = _params()
-  tuned = peftjax.qlora.apply(params, rank=4, targets=TARGETS, init="pissa")
+  tuned = peftjax.qlora.apply(params, rank=4, targets=["q_proj", "up_proj"], init="pissa")
   for p, node in _nodes(tuned).items():
     assert isinstance(node.w, QuantizedWeight), p
   err = lora_init.quantization_error(tuned, params)["rel_error"]
-  plain = lora_init.quantization_error(peftjax.qlora.apply(params, rank=4, targets=TARGETS),
-                                       params)["rel_error"]
+  plain = lora_init.quantization_error(
+      peftjax.qlora.apply(params, rank=4, targets=["q_proj", "up_proj"]), params)["rel_error"]
   assert err < plain    # the principal part stays in full precision (QPiSSA)
 
 
 def _perturb(tree, scale=0.05):
   def f(path, x):
     if isinstance(x, LoraWeight):
-      k = jax.random.fold_in(jax.random.key(9), len(jax.tree_util.keystr(path)))
-      ka, kb = jax.random.split(k)
-      return x.replace(a=x.a + scale * jax.random.normal(ka, x.a.shape, x.a.dtype),
-                       b=x.b + scale * jax.random.normal(kb, x.b.shape, x.b.dtype))
+      rs = np.random.RandomState(len(jax.tree_util.keystr(path)))
+      return x.replace(a=x.a + jnp.asarray(scale * rs.randn(*x.a.shape), x.a.dtype),
+                       b=x.b + jnp.asarray(scale * rs.randn(*x.b.shape), x.b.dtype))
     return x
   return jax.tree_util.tree_map_with_path(f, tree, is_leaf=peftjax.is_node)
 
