@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from peftjax._src import targeting
@@ -203,6 +205,7 @@ def merge_adapters(adapters: Mapping[str, Any], weights, *, method: str = "svd",
   names, trees, coeffs, key = _check_inputs(adapters, weights, method, density,
                                             majority_sign_method, key, svd_rank)
   rule = "linear" if len(names) == 1 else method
+  density = None if density is None else float(density)
   nodes = [dict(_nodes(t, n)) for n, t in zip(names, trees)]
   paths = list(nodes[0])
   for n, nd in zip(names[1:], nodes[1:]):
@@ -242,8 +245,8 @@ def _check_inputs(adapters, weights, method, density, majority_sign_method, key,
       raise ValueError(f"merge_adapters: weights are for {sorted(weights)}, adapters are "
                        f"{sorted(names)}")
     coeffs = [weights[n] for n in names]
-  elif isinstance(weights, Sequence) and not isinstance(weights, str):
-    coeffs = list(weights)
+  elif isinstance(weights, (Sequence, np.ndarray)) and not isinstance(weights, str):
+    coeffs = [w.item() if isinstance(w, np.generic) else w for w in list(weights)]
     if len(coeffs) != len(names):
       raise ValueError(f"merge_adapters: {len(coeffs)} weights for {len(names)} adapters "
                        f"({names})")
@@ -251,13 +254,13 @@ def _check_inputs(adapters, weights, method, density, majority_sign_method, key,
     raise ValueError(f"merge_adapters: weights must be a sequence or a {{name: weight}} mapping, "
                      f"got {type(weights).__name__}")
   for n, c in zip(names, coeffs):
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
       raise ValueError(f"merge_adapters: the weight of {n!r} must be a finite number, got {c!r}")
   if method not in METHODS:
     raise ValueError(f"merge_adapters: unknown method {method!r}; use one of {list(METHODS)}")
   needs_density = method not in ("cat", "svd", "linear")
   if needs_density and (density is None or isinstance(density, bool)
-                        or not isinstance(density, (int, float)) or not 0 <= density <= 1):
+                        or not isinstance(density, numbers.Real) or not 0 <= density <= 1):
     raise ValueError(f"merge_adapters: method {method!r} needs density in [0, 1] (the fraction of "
                      f"entries kept), got {density!r}")
   if method.startswith("dare") and density == 0:

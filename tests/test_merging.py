@@ -272,6 +272,10 @@ def test_bad_input():
   params = _base()
   x, y = _trained(params, 4, 8, 1), _trained(params, 2, 2, 2)
   m = lambda *a, **k: peftjax.merge_adapters(*a, **k)
+  # NumPy weights and densities are numbers too
+  np_w = m({"x": x, "y": _trained(params, 4, 2, 2)}, np.array([0.5, 0.5], np.float32),
+           method="ties", density=np.float32(0.5))
+  assert np_w["attn"]["q_proj"]["kernel"].rank == 4
   with pytest.raises(ValueError, match="non-empty"):
     m({}, [])
   with pytest.raises(ValueError, match=r"2 weights for 1 adapters"):
