@@ -112,7 +112,7 @@ def _randomized_svd(m, rank: int, niter: int, key):
   """Top ``rank`` singular triplets of one ``[K, N]`` matrix (``torch.svd_lowrank``'s scheme:
   a Gaussian sketch, ``niter`` QR-orthonormalized power iterations, an exact SVD of the small
   projection)."""
-  x = m @ jax.random.normal(key, (m.shape[1], rank), jnp.float32)
+  x = jnp.matmul(m, jax.random.normal(key, (m.shape[1], rank), jnp.float32), precision=_HI)
   q = jnp.linalg.qr(x)[0]
   for _ in range(niter):
     q = jnp.linalg.qr(jnp.matmul(m.T, q, precision=_HI))[0]
