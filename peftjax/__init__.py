@@ -26,6 +26,7 @@ from peftjax._src.nodes import Node, is_node, node_dataclass, set_rng, static_fi
 from peftjax._src.partition import (Summary, combine, merge, optimizer, split, summary,
                                     trainable_mask)
 from peftjax._src.tuned import Tuned, as_tuned, forward, generate
+from peftjax.merging import merge_adapters
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,7 @@ _SUBMODULES = ("qlora", "quant", "adapters", "ia3", "prompt", "prefix", "ptuning
 __all__ = ["lora", "methods", *_SUBMODULES, "compose", "compose_config", "lift", "merge", "split",
            "combine", "optimizer", "trainable_mask", "summary", "Summary", "Node", "is_node",
            "node_dataclass", "static_field", "set_rng", "Method", "Option", "Tuned", "as_tuned",
-           "forward", "generate", "finalize"]
+           "forward", "generate", "finalize", "merge_adapters"]
 
 
 def __getattr__(name):

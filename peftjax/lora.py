@@ -34,6 +34,7 @@ from peftjax._src import nodes as nodes_lib
 from peftjax._src import targeting
 from peftjax._src.nodes import Node, is_node, node_dataclass, static_field
 from peftjax._src import method as method_lib
+from peftjax import lora_init
 
 __all__ = ["LoraWeight", "apply", "default_layout", "set_dropout_key", "unmerge"]
 
@@ -348,7 +349,8 @@ def _init_a(init, key, shape, fan_in, rank, dtype):
 
 def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, key=None,
           dropout: float = 0.0, init: Any = "kaiming", rslora: bool = False, dtype=None,
-          layout: Callable[[str, tuple], tuple[int, int]] | None = None, matmul: str = "auto"):
+          layout: Callable[[str, tuple], tuple[int, int]] | None = None, matmul: str = "auto",
+          loftq_iter: int = 1, loftq_quant: dict | None = None):
   """Rewrites the target kernels of ``params`` into :class:`LoraWeight` nodes.
 
   Args:
@@ -360,11 +362,18 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     key: PRNG key for ``A``; each kernel's key is ``fold_in(key, crc32(path))``. Default key 0.
     dropout: dropout rate on the adapter's input, active once :func:`set_dropout_key` gives the
       nodes a key (training), inactive otherwise (evaluation).
-    init: ``"kaiming"`` (HF PEFT's default, ``U(+-1/sqrt(fan_in))``), ``"gaussian"``
-      (``N(0, 1/r^2)``) or a callable ``(key, shape, dtype)``; ``B`` is zero either way, so the
-      model is unchanged at init.
+    init: ``"kaiming"`` or ``"default"`` (HF PEFT's default, ``U(+-1/sqrt(fan_in))``),
+      ``"gaussian"`` (``N(0, 1/r^2)``) or a callable ``(key, shape, dtype)``: ``B`` is zero, so
+      the model is unchanged at init. ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``: ``A``, ``B``
+      from the kernel's SVD / QR and the base replaced by the residual ``W - s A B`` (the model
+      is unchanged); ``"loftq"``: the base quantized and ``A``, ``B`` fitted to the quantization
+      error (see :mod:`peftjax.lora_init`).
+    loftq_iter: LoftQ's alternating quantize / low-rank steps (``init="loftq"`` only).
+    loftq_quant: how LoftQ quantizes: keywords of :func:`peftjax.quant.quantize` (``format``,
+      ``block_size``, ``double_quant``, ``compute_dtype``, ...); default NF4, blocks of 64.
     rslora: scale ``alpha / sqrt(r)`` (Kalajdzievski, 2023) instead of ``alpha / r``.
-    dtype: dtype of ``A`` and ``B``; defaults to the kernel's dtype (float32 for quantized bases).
+    dtype: dtype of ``A`` and ``B``; defaults to the kernel's dtype (float32 for quantized bases
+      and LoftQ).
     layout: ``(path, shape) -> (n_batch, n_in)``; defaults to :func:`default_layout`.
     matmul: ``"auto"``, ``"factored"`` or ``"merged"``: see :class:`LoraWeight`.
 
@@ -372,8 +381,8 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     The same tree with target kernels replaced by :class:`LoraWeight` nodes.
 
   Raises:
-    ValueError: bad rank/alpha/dropout, a target that matches nothing, a target that is not a
-      kernel, or a kernel that already has LoRA.
+    ValueError: bad rank/alpha/dropout/init, a target that matches nothing, a target that is not
+      a kernel, a kernel that already has LoRA, or PiSSA/OLoRA/LoftQ on a quantized kernel.
 
   >>> import jax.numpy as jnp, peftjax
   >>> params = {"attn": {"q_proj": {"kernel": jnp.zeros((16, 16))}}, "norm": {"scale": jnp.ones(16)}}
@@ -390,6 +399,7 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
   if matmul not in ("auto", "factored", "merged"):
     raise ValueError(f"matmul must be 'auto', 'factored' or 'merged', got {matmul!r}")
+  lora_init.check_init(init)
   scale = alpha / math.sqrt(rank) if rslora else alpha / rank
   key = jax.random.key(0) if key is None else key
   if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -416,8 +426,13 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
                        f"{fan_in} inputs to {fan_out} outputs, so rank <= {min(fan_in, fan_out)}")
     adt = jnp.dtype(dtype) if dtype is not None else (
         jnp.dtype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) and not is_node(w)
-        else jnp.dtype(jnp.float32))
+        and init != "loftq" else jnp.dtype(jnp.float32))
     k = targeting.path_key(key, path)
+    if lora_init.modifies_base(init):
+      w, a, b = lora_init.initialize(init, w, rank=rank, scale=scale, layout=(n_batch, n_in),
+                                     dtype=adt, key=k, path=path, loftq_iter=loftq_iter,
+                                     loftq_quant=loftq_quant)
+      return LoraWeight(w=w, a=a, b=b, scale=scale, n_in=n_in, dropout=dropout, matmul=matmul)
     n_layers = math.prod(bshape)
     ks = jax.random.split(k, n_layers) if n_batch else k[None]
     a = jnp.stack([_init_a(init, kk, (*in_shape, rank), fan_in, rank, adt) for kk in ks])
@@ -463,6 +478,11 @@ OPTIONS = (
                       type=method_lib.positive_float),
     method_lib.Option("lora_dropout", 0.0, "dropout on the LoRA input while training",
                       kwarg="dropout", type=method_lib.rate),
+    method_lib.Option("init", "default", "LoRA initialization: default, gaussian, pissa, "
+                      "pissa_niter_K, olora, loftq (see peftjax.lora_init)",
+                      type=lora_init.check_init),
+    method_lib.Option("loftq_iter", 1, "LoftQ's alternating quantize / low-rank steps",
+                      type=method_lib.positive_int),
     method_lib.TARGETS)
 
 METHOD = method_lib.Method(

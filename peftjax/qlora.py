@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import lora as _lora
+from peftjax import lora_init
 from peftjax import quant as _quant
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node
@@ -59,7 +60,10 @@ def apply(params, rank: int = 8, *, format: str = "nf4", block_size: int | None 
     key: PRNG key of the adapters (per-path keys, so ``A`` equals plain LoRA's on the same tree).
     layout: ``(path, shape) -> (n_batch, n_in)``, used by both steps.
     **lora_kwargs: the rest of :func:`peftjax.lora.apply` (``dropout``, ``init``, ``rslora``,
-      ``dtype`` of the adapters: default float32).
+      ``dtype`` of the adapters: default float32, ``loftq_iter``). ``init="loftq"`` quantizes
+      each target with the settings above inside LoftQ's loop; ``"pissa"``/``"olora"`` run on
+      the full-precision kernels and quantize the residual bases (QPiSSA). Both need plain
+      (unquantized) targets.
 
   Returns:
     The tree with each target replaced by ``LoraWeight(w=QuantizedWeight(...))``.
@@ -75,6 +79,11 @@ def apply(params, rank: int = 8, *, format: str = "nf4", block_size: int | None 
   ('LoraWeight', True)
   """
   bare = {p for p, l in targeting.leaves_with_paths(params) if isinstance(l, QuantizedWeight)}
+  if lora_init.modifies_base(lora_kwargs.get("init")):
+    quant = dict(format=format, block_size=block_size, double_quant=double_quant,
+                 compute_dtype=compute_dtype, symmetric=symmetric, kernel=kernel)
+    return _base_init(params, rank, bare, quant, targets=targets, alpha=alpha, key=key,
+                      layout=layout, **lora_kwargs)
   if bare and targets is None:
     return _lora.apply(params, rank, alpha=alpha, targets=lambda path, leaf: path in bare,
                        key=key, layout=layout, **lora_kwargs)
@@ -97,6 +106,25 @@ def apply(params, rank: int = 8, *, format: str = "nf4", block_size: int | None 
   new = {p for p, l in targeting.leaves_with_paths(quantized) if isinstance(l, QuantizedWeight)}
   return _lora.apply(quantized, rank, alpha=alpha, targets=lambda path, leaf: path in new,
                      key=key, layout=layout, **lora_kwargs)
+
+
+def _base_init(params, rank, bare, quant, *, targets, **lora_kwargs):
+  """QLoRA with a base-changing init (:func:`peftjax.lora_init.modifies_base`) on plain targets:
+  LoftQ quantizes inside its loop; PiSSA/OLoRA quantize the residual base after the init."""
+  if targets is None and bare:
+    targets = lambda path, leaf: path in bare  # lora_init names the quantized kernel in its error
+  if lora_kwargs["init"] == "loftq":
+    return _lora.apply(params, rank, targets=targets, loftq_quant=quant, **lora_kwargs)
+  before = {p for p, l in targeting.leaves_with_paths(params) if isinstance(l, _lora.LoraWeight)}
+  tuned = _lora.apply(params, rank, targets=targets, **lora_kwargs)
+
+  def requantize(path, node):
+    if (not isinstance(node, _lora.LoraWeight) or is_node(node.w)
+        or targeting.path_str(path) in before):
+      return node
+    return node.replace(w=quantize_array(node.w, layout=(node.n_batch, node.n_in),
+                                         path=targeting.path_str(path), **quant))
+  return jax.tree_util.tree_map_with_path(requantize, tuned, is_leaf=is_node)
 
 
 def _quantized_base(node) -> QuantizedWeight | None:
