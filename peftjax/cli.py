@@ -859,7 +859,7 @@ def _load_kwargs(run: dict) -> dict:
   for a base-model run (no method)."""
   if run.get("method") is None:
     return {}
-  load = dict(_method(run).load or {})
+  load = _method(run).load_kwargs(run.get("options"))
   if "dtype" in load:
     load["dtype"] = jnp.dtype(load["dtype"])
   return load
@@ -911,7 +911,7 @@ def _write_labels(path: Path, labels: list):
 
 
 def cmd_export(a):
-  from peftjax import tasks
+  from peftjax import lora_init, tasks
   from peftjax.io.hf_peft import save_hf_peft
   run, adapter = _read_run(a.adapter)
   method = _method(run)
@@ -922,9 +922,20 @@ def cmd_export(a):
     raise _UsageError(f"--method {method.name} has no Hugging Face PEFT format (export writes "
                       f"{', '.join(can)}); {alt}")
   _need_paths(run, "model")
+  init = (run.get("options") or {}).get("init")
+  if init == "loftq":
+    raise _UsageError("a LoftQ run's adapter fits its own quantized base, which HF PEFT does not "
+                      "rebuild from the original model; `peftjax merge --adapter RUN --out DIR` "
+                      "writes the model as trained")
   out = _output_dir(a, _outputs_inputs(run))
   model, params, tok = _load_model(run)
   tuned = peftjax.as_tuned(_restored(run, adapter, params, model))
+  if lora_init.modifies_base(init):
+    # PiSSA/OLoRA trained on a residual base: saved as a rank-2r LoRA on the original weights,
+    # as HF PEFT saves them (the initial adapter is rebuilt from the run's seed)
+    initial, _ = _tune(params, run, model, _head_targets(run))
+    tuned = tuned.replace(params=lora_init.convert_to_lora(
+        tuned.params, peftjax.as_tuned(initial).params, params))
   head = {}
   if run["kind"] == "classification":
     # The trained head is HF PEFT's modules_to_save: written beside the adapter, as plain weights.

@@ -223,6 +223,17 @@ def merge_requantized(tree):
 LOAD = {"quantize": {"format": "nf4", "block_size": 64, "double_quant": True},
         "dtype": "bfloat16"}
 
+
+
+def _load(options: dict) -> dict:
+  """:data:`LOAD`, except for an init that computes the base from the full-precision kernel
+  (PiSSA/OLoRA quantize the residual, LoftQ quantizes in its loop): then the model loads in
+  float32 and :func:`apply` quantizes."""
+  if lora_init.modifies_base(options.get("init")):
+    return {"dtype": "float32"}
+  return LOAD
+
+
 METHOD = method_lib.Method(
     name="qlora", apply=apply, description="NF4 4-bit base (double quantization) + LoRA on top",
-    options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA", load=LOAD)
+    options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA", load=_load)

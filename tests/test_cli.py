@@ -333,6 +333,42 @@ def test_a_sentence_transformers_pooler_trains_with_the_head_and_exports(capsys,
   np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
 
+def test_a_pissa_run_exports_as_lora_on_the_original_base(capsys, files, tmp_path):
+  """PiSSA trains on a residual base; the export is HF PEFT's rank-2r LoRA on the original model,
+  so PyTorch + HF PEFT on the unmodified checkpoint gives the merged run's logits."""
+  out = tmp_path / "run"
+  rc, _, err = run(capsys, "train", "--model", files / "llama", "--method", "lora", "--rank", "2",
+                   "--init", "pissa", "--data", files / "text.txt", "--steps", "3", "--warmup", "0",
+                   "--batch-size", "2", "--seq-len", "8", "--lr", "0.05", "--no-baseline",
+                   "--out", out)
+  assert rc == 0, err
+  train_err = err
+  for cmd, where in (("export", "hf"), ("merge", "merged")):
+    rc, _, err = run(capsys, cmd, "--adapter", out, "--out", tmp_path / where)
+    assert rc == 0, err
+  cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+  assert cfg["r"] == 4  # [A, A0] / [B; -B0]
+  torch = pytest.importorskip("torch", reason="PyTorch (the reference) is not installed")
+  peft = pytest.importorskip("peft", reason="HF PEFT (the reference) is not installed")
+  import transformers
+  ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+  base = transformers.AutoModelForCausalLM.from_pretrained(files / "llama").eval()
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+  with torch.no_grad():
+    plain, want = base(input_ids=ids).logits.numpy(), merged(input_ids=ids).logits.numpy()
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "hf").eval()  # wraps base in place
+    theirs = pm(input_ids=ids).logits.numpy()
+  assert np.abs(want - plain).max() > 1e-4, train_err  # training moved the model
+  np.testing.assert_allclose(theirs, want, atol=2e-5)
+  # LoftQ fits its own quantized base: export refuses and says what to do instead
+  rc, _, err = run(capsys, "train", "--model", files / "llama", "--method", "lora", "--rank", "2",
+                   "--init", "loftq", "--data", files / "text.txt", "--steps", "1",
+                   "--batch-size", "2", "--seq-len", "8", "--no-baseline", "--out", tmp_path / "lq")
+  assert rc == 0, err
+  line = one_error(capsys, "export", "--adapter", tmp_path / "lq", "--out", tmp_path / "lq_hf")
+  assert "LoftQ" in line and "peftjax merge" in line
+
+
 def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
   out = tmp_path / "run"
   argv = ["train", "--model", files / "llama", "--method", "prompt", "--n-tokens", "3",

@@ -83,8 +83,11 @@ def test_qlora_apply_takes_a_quantized_tree(llama_dir):
   assert type(part["layers_1"]["self_attn"]["q_proj"]["kernel"]).__name__ == "LoraWeight"
   assert is_q(part["layers_1"]["self_attn"]["k_proj"]["kernel"])
   # the command line loads a qlora run this way (Method.load), with no f32 model in between
-  assert peftjax.methods.get("qlora").load["quantize"]["format"] == "nf4"
-  assert peftjax.methods.get("lora").load is None
+  qlora = peftjax.methods.get("qlora")
+  assert qlora.load_kwargs()["quantize"]["format"] == "nf4"
+  assert peftjax.methods.get("lora").load_kwargs() == {}
+  # an init that needs the full-precision kernel (PiSSA's SVD, LoftQ's loop) loads it
+  assert "quantize" not in qlora.load_kwargs({"init": "pissa"})
 
 
 def test_bad_quantize_arguments_name_the_value(llama_dir, tmp_path):

@@ -133,7 +133,8 @@ class Method(NamedTuple):
     aliases: earlier names that still resolve (old run records, scripts).
     load: keywords for :func:`peftjax.io.from_pretrained` when a model is loaded to be tuned
       with this method (QLoRA: ``quantize=`` and a 16-bit ``dtype``, so the full-precision model
-      never exists), or None. The command line passes them without knowing what they mean.
+      never exists), ``options -> keywords`` when they depend on the options (see
+      :meth:`load_kwargs`), or None. The command line passes them without knowing what they mean.
   """
   name: str
   apply: Callable
@@ -151,7 +152,7 @@ class Method(NamedTuple):
   learning_rate: Any = 1e-3
   model_kwargs: Optional[Callable] = None
   aliases: tuple = ()
-  load: Optional[dict] = None
+  load: Optional[dict | Callable] = None
 
   def option_values(self, given: Optional[dict] = None) -> dict:
     """``{name: value}`` for every option: ``given``'s (checked) or the default.
@@ -213,6 +214,11 @@ class Method(NamedTuple):
     """The default learning rate for these option values."""
     lr = self.learning_rate
     return float(lr(self.option_values(options)) if callable(lr) else lr)
+
+  def load_kwargs(self, options: Optional[dict] = None) -> dict:
+    """The :attr:`load` keywords for these option values (a new dict)."""
+    load = self.load(self.option_values(options)) if callable(self.load) else self.load
+    return dict(load or {})
 
   def refine_steps(self, steps: int, options: Optional[dict] = None) -> int:
     """How many of ``steps`` train after :attr:`refine`'s transform (0 without a refine stage).
