@@ -46,8 +46,8 @@ def test_names_aliases_and_lookup():
     assert methods.get(name) is m and getattr(peftjax, name).METHOD is m
     for alias in m.aliases:
       assert methods.get(alias) is m
-  with pytest.raises(ValueError, match="unknown method 'dora'; known methods: lora, qlora"):
-    methods.get("dora")
+  with pytest.raises(ValueError, match="unknown method 'boft'; known methods: lora, qlora"):
+    methods.get("boft")
 
 
 @pytest.mark.parametrize("name", methods.names())

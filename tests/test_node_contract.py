@@ -50,6 +50,10 @@ def _adapter(stacked: bool, parallel: bool = False):
 EXAMPLES = {
     "lora": lambda: (LoraWeight(_arr(0, D, D), _arr(1, D, 2), _arr(2, 2, D), scale=0.5),
                      LoraWeight(_arr(0, L, D, D), _arr(1, L, D, 2), _arr(2, L, 2, D), scale=0.5)),
+    "dora": lambda: (peftjax.dora.DoraWeight(_arr(0, D, D), _arr(1, D, 2), _arr(2, 2, D),
+                                             1.0 + _arr(3, D, scale=0.1), scale=0.5),
+                     peftjax.dora.DoraWeight(_arr(0, L, D, D), _arr(1, L, D, 2), _arr(2, L, 2, D),
+                                             1.0 + _arr(3, L, D, scale=0.1), scale=0.5)),
     "quantized": lambda: (quantize_array(_arr(0, D, D), block_size=8), None),
     "trainable": lambda: (Trainable(_arr(0, D, D)), Trainable(_arr(0, L, D, D))),
     "slice_trainable": lambda: (SliceTrainable(_arr(0, D, D), _arr(1, 2, D), index=(1, 5)), None),
