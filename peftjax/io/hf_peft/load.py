@@ -520,7 +520,7 @@ def _lora_nodes(adapter, sites, found, replaced, family, dtype) -> dict:
       r, alpha = _rank_alpha(cfg, m)
       ranks.add(r)
       scales.add(alpha / math.sqrt(r) if rslora else alpha / r)
-      ka, kb = (found[m][p] for p in want(site))
+      ka, kb = (found[m][p] for p in want(site)[:2])
       A, B = adapter.tensors[ka], adapter.tensors[kb]
       if A.shape != (r, fan_in):
         raise ValueError(f"{where}: key {ka!r} has shape {list(A.shape)}, expected {[r, fan_in]} "
