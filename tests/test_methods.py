@@ -29,7 +29,7 @@ def llama():
 
 
 SMALL = {"n_tokens": 3, "prefix_hidden": 8, "bottleneck": 4, "top_layers": 1,
-         "encoder_hidden": 8}
+         "encoder_hidden": 8, "block_size": 4}
 
 
 def _build(method, llama):
