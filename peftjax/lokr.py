@@ -36,7 +36,7 @@ __all__ = ["LokrWeight", "apply", "factorization"]
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-  """HF PEFT's (LyCORIS's) split of ``dimension`` into ``(m, n)``, ``m <= n``, ``m * n = dimension``.
+  """HF PEFT's (LyCORIS's) split of ``dimension`` into ``(m, n)``, ``m <= n``, ``m*n = dimension``.
 
   >>> factorization(256), factorization(128), factorization(127), factorization(128, 4)
   ((16, 16), (8, 16), (1, 127), (4, 32))
@@ -244,7 +244,8 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
       a linear kernel, a kernel that already has LoKr.
 
   >>> import jax.numpy as jnp, peftjax
-  >>> node = peftjax.lokr.apply({"up_proj": {"kernel": jnp.ones((64, 128))}}, rank=2)["up_proj"]["kernel"]
+  >>> tuned = peftjax.lokr.apply({"up_proj": {"kernel": jnp.ones((64, 128))}}, rank=2)
+  >>> node = tuned["up_proj"]["kernel"]
   >>> node.w1.shape, node.a2.shape, node.b2.shape        # 64 = 8*8, 128 = 8*16
   ((8, 8), (8, 2), (2, 16))
   >>> peftjax.summary({"k": node}).trainable             # m*l + r*(n + k)

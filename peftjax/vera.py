@@ -204,7 +204,7 @@ class VeraWeight(Node):
 
 def apply(params, rank: int = 256, *, targets=None, key=None, d_initial: float = 0.1, dtype=None,
           layout: Callable[[str, tuple], tuple[int, int]] | None = None):
-  """Rewrites the target kernels of ``params`` into :class:`VeraWeight` nodes sharing one projection.
+  """Rewrites the target kernels of ``params`` into :class:`VeraWeight` nodes (one projection).
 
   Args:
     params: any parameter pytree.

@@ -117,8 +117,9 @@ def one_error(capsys, *argv) -> str:
 def test_methods_lists_every_method(capsys):
   rc, out, _ = run(capsys, "methods")
   names = [line.split()[0] for line in out.strip().splitlines()]
-  assert rc == 0 and names == ["lora", "qlora", "dora", "vera", "loha", "lokr", "oft", "adapters", "ia3", "prompt", "prefix", "ptuning",
-                               "bitfit", "partial", "diff_pruning", "full"]
+  assert rc == 0 and names == ["lora", "qlora", "dora", "vera", "loha", "lokr", "oft", "adapters",
+                               "ia3", "prompt", "prefix", "ptuning", "bitfit", "partial",
+                               "diff_pruning", "full"]
   assert names == peftjax.methods.names()
 
 

@@ -93,6 +93,25 @@ def test_merged_kernel_is_hf_peft_formula_and_counts_match_the_paper(name):
   assert peftjax.summary(tree).trainable == count
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_quantized_base(name):
+  """QLoRA-style: the variant wraps a 4-bit kernel; lift (values, gradients) == the merged form."""
+  from peftjax._src.quant.core import quantize_array
+  wq = quantize_array(jnp.asarray(rs.normal(size=(16, 8)), jnp.float32), block_size=8)
+  tree = _perturbed(getattr(peftjax, name).apply({"up_proj": {"kernel": wq}}, **KW[name]))
+  assert type(tree["up_proj"]["kernel"].w) is type(wq)
+  x = jnp.asarray(rs.normal(size=(3, 16)), jnp.float32)
+  f = lambda t: jnp.sum(jnp.tanh(x @ t["up_proj"]["kernel"]))
+  trainable, frozen = peftjax.split(tree)
+  got = jax.value_and_grad(lambda t: peftjax.lift(f)(peftjax.combine(t, frozen)))(trainable)
+  want = jax.value_and_grad(lambda t: f(peftjax.merge(peftjax.combine(t, frozen))))(trainable)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  init = getattr(peftjax, name).apply({"up_proj": {"kernel": wq}}, **KW[name])
+  np.testing.assert_allclose(peftjax.lift(f)(init), f({"up_proj": {"kernel": wq.materialize()}}),
+                             rtol=1e-6, atol=1e-6)   # identity at init on the dequantized base
+
+
 def test_dora_norm_is_a_constant_in_the_backward_pass():
   """The paper's section 4.3 (and HF PEFT): d/dB goes through the direction only."""
   W = jnp.asarray(rs.normal(size=(6, 5)), jnp.float32)
@@ -114,8 +133,8 @@ def test_dora_norm_is_a_constant_in_the_backward_pass():
 # ------------------------------------------------------------------------------------------------
 
 def test_bad_input_is_a_clear_error():
-  params = {"embed_tokens": {"embedding": jnp.ones((10, 8))}, "up_proj": {"kernel": jnp.ones((6, 8))},
-            "v_proj": {"kernel": jnp.ones((8, 4))}}
+  params = {"embed_tokens": {"embedding": jnp.ones((10, 8))},
+            "up_proj": {"kernel": jnp.ones((6, 8))}, "v_proj": {"kernel": jnp.ones((8, 4))}}
   with pytest.raises(ValueError, match="DoRA does not support embedding tables: embed_tokens"):
     peftjax.dora.apply(params, targets=r".*embedding", rank=2)
   with pytest.raises(ValueError, match="OFT block_size=4 does not divide the 6 inputs of "
@@ -200,6 +219,11 @@ def _hf_config(peft, name):
                                         init_weights=False)}[name]()
 
 
+def llama_loop():
+  model, params, _ = from_pretrained(FIX / "base", scan_layers=False, tokenizer=False)
+  return model, params
+
+
 _FWD = {}
 
 
@@ -228,6 +252,10 @@ def test_hf_peft_parity_both_ways(name, llama, tmp_path):
   pm.save_pretrained(tmp_path / "hf")
   tuned = load_hf_peft(tmp_path / "hf", params)
   ours = _logits(model, tuned, ids)
+  if name == "lokr":   # per-layer trees too (LoKr: the tensors present depend on the shapes)
+    loop_model, loop_params = llama_loop()
+    np.testing.assert_allclose(_logits(loop_model, load_hf_peft(tmp_path / "hf", loop_params),
+                                       ids), ours, rtol=1e-5, atol=1e-5)
   effect = np.abs(theirs - base_logits).max()
   diff = np.abs(ours - theirs).max()
   print(f"{name}: HF PEFT -> peftjax max |logits diff| {diff:.2e} (effect {effect:.4f})")

@@ -53,7 +53,10 @@ def unflat(x, shape: Sequence[int]):
 
 
 def base_dot(x, w, n_in: int, precision=None, preferred_element_type=None):
-  """``x [..., K] @ w`` for one layer's kernel ``w [*in, *out]`` (an array or a node): ``[..., N]``."""
+  """``x [..., K] @ w`` for one layer's kernel ``w [*in, *out]`` (an array or a node).
+
+  Returns ``[..., N]``.
+  """
   in_shape = tuple(w.shape[:n_in])
   lead = x.shape[:-1]
   xs = x.reshape(*lead, *in_shape)
@@ -183,7 +186,8 @@ def rewrite_kernels(params, targets, key, dtype, layout, node_types: tuple, meth
 
 
 def kaiming_uniform(key, shape, fan_in: int, dtype, gain: float = 1.0):
-  """torch's ``kaiming_uniform_(a=sqrt(5))`` (HF PEFT's default init): ``U(+-gain/sqrt(fan_in))``."""
+  """``U(+-gain/sqrt(fan_in))``: torch's ``kaiming_uniform_(a=sqrt(5))`` (HF PEFT's default
+  init) for ``gain=1``."""
   bound = gain / math.sqrt(fan_in)
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 

@@ -12,8 +12,9 @@ Config. ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` (matched as H
 ``lora_magnitude_vector`` tensors) and ``modules_to_save`` (loaded as plain, frozen weights) are
 honoured; the LoRA-family variants VeRA, LoHa, LoKr and OFT load through their node types'
 ``from_hf_peft`` (see :mod:`peftjax._src.variants`); features that change the forward pass and
-that peftjax cannot express (LoRA biases, ``bias != "none"``, ...) are a ``ValueError``; config fields this module does not know
-are kept in :attr:`HfPeftAdapter.config` (listed in ``unknown``) and warned about, never fatal.
+that peftjax cannot express (LoRA biases, ``bias != "none"``, ...) are a ``ValueError``; config
+fields this module does not know are kept in :attr:`HfPeftAdapter.config` (listed in
+``unknown``) and warned about, never fatal.
 Shapes are strict, and every missing, extra or misshapen tensor is a ``ValueError`` naming the key.
 
 Safety: only JSON and safetensors are read (never pickle: a directory holding only
