@@ -93,9 +93,11 @@ def test_merged_kernel_is_hf_peft_formula_and_counts_match_the_paper(name):
   assert peftjax.summary(tree).trainable == count
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", ["dora", "lokr", "oft"])
 def test_quantized_base(name):
-  """QLoRA-style: the variant wraps a 4-bit kernel; lift (values, gradients) == the merged form."""
+  """QLoRA-style: the variant wraps a 4-bit kernel; lift (values, gradients) == the merged form.
+  One per base-kernel code path: DoRA dequantizes for its norm, LoKr (as VeRA, LoHa) adds to
+  the quantized ``x @ W``, OFT feeds rotated activations to it."""
   from peftjax._src.quant.core import quantize_array
   wq = quantize_array(jnp.asarray(rs.normal(size=(16, 8)), jnp.float32), block_size=8)
   tree = _perturbed(getattr(peftjax, name).apply({"up_proj": {"kernel": wq}}, **KW[name]))
@@ -188,7 +190,7 @@ def test_training_lowers_the_loss_and_keeps_frozen_leaves(name):
     return optax.apply_updates(t, u), s, v
 
   state, losses = tx.init(trainable), []
-  for _ in range(8):
+  for _ in range(6):
     trainable, state, v = step(trainable, state)
     losses.append(float(v))
   assert losses[-1] < 0.97 * losses[0], losses
