@@ -1,8 +1,11 @@
 """Writing Hugging Face PEFT adapters: :func:`save_hf_peft`.
 
 The method of a tree follows from its nodes' declarations: the ``hf_peft_type`` of every node
-type in it (``LoraWeight`` -> ``LORA``, ``IA3Weight`` -> ``IA3``, ``SoftPrompt`` ->
-``PROMPT_TUNING``, ``Prefix`` -> ``PREFIX_TUNING``); one adapter directory holds one method. A
+type in it (``LoraWeight`` and ``DoraWeight`` -> ``LORA``, ``IA3Weight`` -> ``IA3``,
+``VeraWeight`` -> ``VERA``, ``LohaWeight`` -> ``LOHA``, ``LokrWeight`` -> ``LOKR``, ``OftWeight``
+-> ``OFT``, ``SoftPrompt`` -> ``PROMPT_TUNING``, ``Prefix`` -> ``PREFIX_TUNING``); one adapter
+directory holds one method. The variants' tensors and configs come from their node types
+(:func:`variant_type`). A
 node type with a ``finalized()`` method is a training-time reparameterization (``PrefixMLP``,
 ``PromptEncoder``) that :func:`peftjax.finalize` replaces first; a trainable node type whose
 ``hf_peft_type`` is None (adapters, DiffPruning, ...) has no HF PEFT format.
@@ -173,7 +176,9 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
     ValueError: no adapter nodes, several methods in one tree, a trainable node type without an
       HF format (named), an unfinalized training-time reparameterization (``PrefixMLP``,
       ``PromptEncoder``), a prompt or prefix the method cannot hold or that is not in its slot,
-      LoRA/IA3 on a leaf that maps to no HF module, a bad adapter name.
+      LoRA/IA3 on a leaf that maps to no HF module, a bad adapter name, LoRA and DoRA nodes in one
+      tree (one ``use_dora`` per adapter), VeRA nodes that do not share one projection or rank,
+      OFT nodes with different block sizes.
 
   Example (files, so not run here)::
 
