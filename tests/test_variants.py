@@ -282,3 +282,56 @@ def test_hf_peft_parity_both_ways(name, llama, tmp_path):
   effect = np.abs(ours - base_logits).max()
   print(f"{name}: peftjax -> HF PEFT max |logits diff| {diff:.2e} (effect {effect:.2f})")
   assert diff <= 2e-5 and effect > 0.05
+
+
+def test_bad_hf_adapters_are_clear_errors(tmp_path):
+  """Files HF PEFT could write that peftjax cannot represent, or that do not fit the model."""
+  from peftjax.io.hf_peft import ADAPTER_WEIGHTS
+  from peftjax.io.safetensors import write_safetensors
+  params = {"q_proj": {"kernel": jnp.asarray(rs.normal(size=(8, 4)), jnp.float32)},
+            "v_proj": {"kernel": jnp.asarray(rs.normal(size=(8, 6)), jnp.float32)}}
+
+  def saved(name, **kw):
+    out = save_hf_peft(getattr(peftjax, name).apply(params, **kw), tmp_path / name,
+                       family="generic")
+    return out, json.loads((out / ADAPTER_CONFIG).read_text()), read_hf_peft(out).tensors
+
+  def rewrite(out, cfg=None, tensors=None):
+    if cfg is not None:
+      (out / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    if tensors is not None:
+      write_safetensors(out / ADAPTER_WEIGHTS, [(k, v.dtype, v.shape, (lambda v=v: v))
+                                                for k, v in tensors.items()], {"format": "pt"})
+
+  out, cfg, t = saved("vera", rank=4)
+  assert t["base_model.vera_A"].shape == (4, 8) and t["base_model.vera_B"].shape == (6, 4)
+  rewrite(out, {**cfg, "save_projection": False})
+  with pytest.raises(ValueError, match="save_projection=False: the shared projection is not in"):
+    load_hf_peft(out, params)
+  small = {**t, "base_model.vera_B": t["base_model.vera_B"][:4]}   # sized for q_proj only
+  rewrite(out, cfg, small)
+  with pytest.raises(ValueError, match=r"'base_model.vera_B' has shape \[4, 4\]; v_proj needs "
+                                       r"\[>= 6, 4\]"):
+    load_hf_peft(out, params)
+  out, cfg, t = saved("oft", block_size=2)
+  rewrite(out, {**cfg, "oft_block_size": 3})
+  with pytest.raises(ValueError, match="oft_block_size 3 .* does not divide the 8 inputs of "
+                                       "q_proj"):
+    load_hf_peft(out, params)
+  rewrite(out, {**cfg, "coft": True})
+  with pytest.raises(ValueError, match="coft=True .* is not supported"):
+    load_hf_peft(out, params)
+  out, cfg, t = saved("lokr", rank=1)
+  rewrite(out, {**cfg, "decompose_both": True})
+  with pytest.raises(ValueError, match="decompose_both=True .* is not supported"):
+    load_hf_peft(out, params)
+  rewrite(out, {**cfg, "r": 8})     # r >= max(n, k) / 2: HF would store a full lokr_w2
+  with pytest.raises(ValueError, match=r"extra key 'base_model.model.q_proj.lokr_w2_a': "
+                                       r"q_proj/kernel is a linear kernel; expected lokr_w1 and "
+                                       r"lokr_w2 tensors"):
+    load_hf_peft(out, params)
+  out, cfg, t = saved("loha", rank=2)
+  rewrite(out, {**cfg, "r": 3})
+  with pytest.raises(ValueError, match=r"key 'base_model.model.q_proj.hada_w1_a' has shape "
+                                       r"\[4, 2\], expected \[4, 3\]"):
+    load_hf_peft(out, params)
