@@ -151,8 +151,8 @@ class LohaWeight(Node):
         variants.expect_shape(where, ks[f"hada_w{i}_b"], tb, (r, k), f"r={r}, {k} inputs")
         out[f"a{i}"].append(tb.T.reshape(*in_shape, r))
         out[f"b{i}"].append(ta.T.reshape(r, *out_shape))
-    variants.same_over_layers(ranks, "ranks", where, modules[0])
-    scale = variants.same_over_layers(scales, "scales", where, modules[0])
+    variants.same_over_layers(ranks, "ranks", where, modules)
+    scale = variants.same_over_layers(scales, "scales", where, modules)
     arrs = {f: jnp.asarray(np.stack(v) if n_batch else v[0], dtype) for f, v in out.items()}
     return cls(w=w, scale=scale, n_in=n_in, **arrs)
 

@@ -211,8 +211,8 @@ class LokrWeight(Node):
         variants.expect_shape(where, ks["lokr_w2_b"], parts["lokr_w2_b"], (r, n), f"r={r}")
         out["a2"].append(parts["lokr_w2_b"].T)
         out["b2"].append(parts["lokr_w2_a"].T)
-    rank = variants.same_over_layers(ranks, "ranks", where, modules[0])
-    scale = variants.same_over_layers(scales, "scales", where, modules[0])
+    rank = variants.same_over_layers(ranks, "ranks", where, modules)
+    scale = variants.same_over_layers(scales, "scales", where, modules)
     arrs = {f: (jnp.asarray(np.stack(v) if n_batch else v[0], dtype) if v else None)
             for f, v in out.items()}
     return cls(w=w, scale=scale, rank=rank, n_in=n_in, **arrs)

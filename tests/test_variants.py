@@ -146,6 +146,20 @@ def test_bad_input_is_a_clear_error():
     peftjax.loha.apply(peftjax.loha.apply(params, targets=["v_proj"]), targets=["v_proj"])
   with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
     peftjax.lokr.apply(params, rank=0, targets=["v_proj"])
+  with pytest.raises(ValueError, match=r"target norm/scale is not a kernel"):
+    peftjax.vera.apply({**params, "norm": {"scale": jnp.ones(8)}}, targets=r"norm/scale")
+  with pytest.raises(ValueError, match=r"rank=5 is larger than v_proj/kernel allows"):
+    peftjax.dora.apply(params, rank=5, targets=["v_proj"])
+  with pytest.raises(ValueError, match="alpha must be a finite number, got nan"):
+    peftjax.loha.apply(params, alpha=float("nan"), targets=["v_proj"])
+  with pytest.raises(ValueError, match="block_size must be at least 2"):
+    peftjax.oft.apply(params, block_size=1, targets=["v_proj"])
+  with pytest.raises(ValueError, match="decompose_factor must be -1 or a positive integer, got 0"):
+    peftjax.lokr.apply(params, decompose_factor=0, targets=["v_proj"])
+  o4 = peftjax.oft.apply({"q_proj": {"kernel": jnp.ones((8, 4))}}, block_size=4)
+  o2 = peftjax.oft.apply({"k_proj": {"kernel": jnp.ones((8, 4))}}, block_size=2)
+  with pytest.raises(ValueError, match=r"OFT nodes have different block_size values \[2, 4\]"):
+    save_hf_peft({**o4, **o2}, "unused", family="generic")
   # VeRA: nodes that do not share one projection cannot be written as one HF adapter
   a = peftjax.vera.apply({"q_proj": {"kernel": jnp.ones((8, 4))}}, rank=4, key=jax.random.key(1))
   b = peftjax.vera.apply({"k_proj": {"kernel": jnp.ones((8, 4))}}, rank=4, key=jax.random.key(2))
@@ -335,3 +349,14 @@ def test_bad_hf_adapters_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match=r"key 'base_model.model.q_proj.hada_w1_a' has shape "
                                        r"\[4, 2\], expected \[4, 3\]"):
     load_hf_peft(out, params)
+  rewrite(out, {**cfg, "bias": "all"})
+  with pytest.raises(ValueError, match="bias='all' is not supported"):
+    load_hf_peft(out, params)
+  stacked = {"layers": {"q_proj": {"kernel": jnp.asarray(rs.normal(size=(2, 8, 4)), jnp.float32)}}}
+  out = save_hf_peft(peftjax.loha.apply(stacked, rank=2), tmp_path / "stacked", family="generic")
+  cfg = json.loads((out / ADAPTER_CONFIG).read_text())
+  assert sorted(read_hf_peft(out).tensors)[0] == "base_model.model.layers.0.q_proj.hada_w1_a"
+  rewrite(out, {**cfg, "alpha_pattern": {"layers.1.q_proj": 5}})
+  with pytest.raises(ValueError, match=r"the layer-stacked kernel of layers.0.q_proj .. "
+                                       r"layers.1.q_proj has different scales \[1.0, 2.5\]"):
+    load_hf_peft(out, stacked)

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from peftjax._src import nodes as nodes_lib
 from peftjax._src import targeting
 from peftjax._src.nodes import is_node
 
-__all__ = ["plain_dot", "base_dot", "rewrite_kernels", "Kernel", "flat", "unflat",
+__all__ = ["plain_dot", "base_dot", "per_layer", "rewrite_kernels", "Kernel", "flat",
            "kaiming_uniform", "rank_alpha_config", "rank_alpha_of"]
 
 
@@ -45,11 +44,6 @@ def flat(x, n_batch: int, n_in: int):
   shape = x.shape
   return x.reshape(*shape[:n_batch], math.prod(shape[n_batch:n_batch + n_in]),
                    math.prod(shape[n_batch + n_in:]))
-
-
-def unflat(x, shape: Sequence[int]):
-  """``[*batch, K, N]`` -> ``shape`` (``[*batch, *in, *out]``)."""
-  return x.reshape(tuple(shape))
 
 
 def base_dot(x, w, n_in: int, precision=None, preferred_element_type=None):
@@ -273,12 +267,13 @@ def layer(x, i, n_batch: int):
   return x[i] if n_batch else x
 
 
-def same_over_layers(values, what: str, where: str, path: str):
+def same_over_layers(values, what: str, where: str, modules: list):
   """The one value of a per-layer list; an error when the layers of a stacked kernel differ."""
   vals = set(values)
   if len(vals) > 1:
-    raise ValueError(f"{where}: the layers of the layer-stacked {path} have different {what} "
-                     f"{sorted(vals)}; load the adapter with scan_layers=False")
+    raise ValueError(f"{where}: the layer-stacked kernel of {modules[0]} .. {modules[-1]} has "
+                     f"different {what} {sorted(vals)} per layer; load the adapter with "
+                     "scan_layers=False")
   return vals.pop()
 
 
