@@ -47,19 +47,26 @@ class DoraWeight(Node):
     a: ``[*batch, *in, r]``.
     b: ``[*batch, r, *out]``.
     magnitude: ``[*batch, *out]``, trained; ``||w||_c`` at init.
+    dropout_key: ``None`` or raw uint32 key data ``[*batch, 2]`` (:func:`peftjax.set_rng`).
     scale: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
     n_in: number of input axes (the layer axes are ``a.ndim - n_in - 1``).
+    dropout: HF PEFT's ``lora_dropout`` on the adapter's input while a key is set. As in HF
+      PEFT, the dropped input ``x_d`` feeds the adapter and the magnitude's correction:
+      ``x W + (f - 1) x_d W + f s (x_d A) B`` with ``f = m / ||W + s A B||_c``.
   """
 
   w: Any
   a: jax.Array
   b: jax.Array
   magnitude: jax.Array
+  dropout_key: Any = None
   scale: float = static_field(default=1.0)
   n_in: int = static_field(default=1)
+  dropout: float = static_field(default=0.0)
 
   type_id = "dora"
   base_field = "w"
+  rng_field = "dropout_key"
   hf_peft_type = "LORA"
   trainable_fields = ("a", "b", "magnitude")
 
@@ -71,9 +78,8 @@ class DoraWeight(Node):
   def rank(self) -> int:
     return self.a.shape[-1]
 
-  @property
-  def dropout(self) -> float:  # HF PEFT's lora_dropout, for the shared LoRA config writer
-    return 0.0
+  def wants_rng(self) -> bool:
+    return self.dropout > 0.0
 
   def _column_factor(self, direction, flat: bool = False):
     """``magnitude / stop_gradient(||direction||_c)``, the norm over the input axes:
@@ -105,10 +111,19 @@ class DoraWeight(Node):
                    (a2.astype(jnp.float32) @ b2.astype(jnp.float32)) * node.scale)
       f = node._column_factor(direction, flat=True)   # [N]
       y = variants.base_dot(x2, node.w, node.n_in, **kw)
-      t = lax.dot_general(x2, a2, (((x2.ndim - 1,), (0,)), ((), ())), **kw)
+      xd = x2
+      if node.dropout_key is not None and node.dropout > 0.0:
+        keep = jax.random.bernoulli(jax.random.wrap_key_data(node.dropout_key),
+                                    1.0 - node.dropout, x2.shape)
+        xd = jnp.where(keep, x2 / (1.0 - node.dropout), 0).astype(x2.dtype)
+      t = lax.dot_general(xd, a2, (((xd.ndim - 1,), (0,)), ((), ())), **kw)
       t = t * jnp.asarray(node.scale, t.dtype)
-      y = y + lax.dot_general(t, b2, (((t.ndim - 1,), (0,)), ((), ())), **kw).astype(y.dtype)
-      return (y * f.astype(y.dtype)).astype(y.dtype)
+      upd = lax.dot_general(t, b2, (((t.ndim - 1,), (0,)), ((), ())), **kw).astype(y.dtype)
+      f = f.astype(y.dtype)
+      if xd is x2:
+        return ((y + upd) * f).astype(y.dtype)
+      yd = variants.base_dot(xd, node.w, node.n_in, **kw)
+      return (y + (f - 1) * yd + f * upd).astype(y.dtype)
 
     out = variants.plain_dot(self, x, dimension_numbers, rule)
     if out is None:
@@ -139,7 +154,7 @@ def column_norm(w, n_batch: int, n_in: int):
 
 
 def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, key=None,
-          init: Any = "kaiming", rslora: bool = False, dtype=None,
+          dropout: float = 0.0, init: Any = "kaiming", rslora: bool = False, dtype=None,
           layout: Callable[[str, tuple], tuple[int, int]] | None = None):
   """Rewrites the target kernels of ``params`` into :class:`DoraWeight` nodes.
 
@@ -150,6 +165,8 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
     targets: which kernels (:mod:`peftjax._src.targeting`); default every dense kernel of
       attention and MLP blocks. Embedding tables are refused.
     key: PRNG key for ``A`` (per kernel ``fold_in(key, crc32(path))``); default key 0.
+    dropout: dropout rate on the adapter's input, active once :func:`peftjax.set_rng` gives the
+      nodes a key (training).
     init: ``A``'s init as in :func:`peftjax.lora.apply`; ``B`` is zero.
     rslora: scale ``alpha / sqrt(r)``.
     dtype: dtype of ``A``, ``B`` and the magnitude (default: the kernel's; float32 for
@@ -175,6 +192,8 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
   """
   rank = variants.check_rank(rank)
   alpha = variants.check_number(rank if alpha is None else alpha, "alpha")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
   scale = alpha / math.sqrt(rank) if rslora else alpha / rank
 
   def make(k: variants.Kernel):
@@ -185,7 +204,7 @@ def apply(params, rank: int = 8, *, alpha: float | None = None, targets=None, ke
                  for kk in k.layer_keys()])
     b = jnp.zeros((*k.batch_shape, rank, *k.out_shape), k.dtype)
     m = column_norm(k.w, k.n_batch, k.n_in).astype(k.dtype)
-    return DoraWeight(w=k.w, a=a, b=b, magnitude=m, scale=scale, n_in=k.n_in)
+    return DoraWeight(w=k.w, a=a, b=b, magnitude=m, scale=scale, n_in=k.n_in, dropout=dropout)
 
   return variants.rewrite_kernels(params, targets, key, dtype, layout,
                                   (DoraWeight, LoraWeight), "DoRA", make)
@@ -195,9 +214,11 @@ OPTIONS = (
     method_lib.Option("rank", 8, "LoRA rank r", type=method_lib.positive_int),
     method_lib.Option("alpha", 16.0, "LoRA scale numerator (scale = alpha/r)",
                       type=method_lib.positive_float),
+    method_lib.Option("lora_dropout", 0.0, "dropout on the LoRA input while training",
+                      kwarg="dropout", type=method_lib.rate),
     method_lib.TARGETS)
 
 METHOD = method_lib.Method(
     name="dora", apply=apply,
     description="weight-decomposed LoRA: trained magnitude x normalized W + (alpha/r) A B",
-    options=OPTIONS, hf_peft_type="LORA")
+    options=OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA")

@@ -130,6 +130,26 @@ def test_dora_norm_is_a_constant_in_the_backward_pass():
   np.testing.assert_allclose(got, jax.grad(reference)(node.b), rtol=1e-5, atol=1e-5)
 
 
+def test_dora_dropout_is_hf_peft_s():
+  """With a key set: ``x W + (f - 1) x_d W + f s (x_d A) B`` (HF PEFT's DoRA in training mode)."""
+  W = jnp.asarray(rs.normal(size=(6, 5)), jnp.float32)
+  tree = _perturbed(peftjax.dora.apply({"q_proj": {"kernel": W}}, rank=2, dropout=0.5))
+  tree = peftjax.set_rng(tree, jax.random.key(4))
+  node = tree["q_proj"]["kernel"]
+  x = jnp.asarray(rs.normal(size=(4, 6)), jnp.float32)
+  keep = jax.random.bernoulli(jax.random.wrap_key_data(node.dropout_key), 0.5, x.shape)
+  xd = jnp.where(keep, 2 * x, 0)
+  V = W + node.scale * node.a @ node.b
+  f = node.magnitude / jnp.linalg.norm(V, axis=0)
+  want = x @ W + (f - 1) * (xd @ W) + f * (node.scale * (xd @ node.a) @ node.b)
+  got = peftjax.lift(lambda t: x @ t["q_proj"]["kernel"])(tree)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got, x @ peftjax.merge(node), atol=1e-3)    # dropout acted
+  evaluation = peftjax.set_rng(tree, None)
+  np.testing.assert_allclose(peftjax.lift(lambda t: x @ t["q_proj"]["kernel"])(evaluation),
+                             x @ peftjax.merge(node), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------

@@ -550,7 +550,7 @@ def _lora_nodes(adapter, sites, found, replaced, family, dtype) -> dict:
       mag = np.stack(m_list) if site.n_batch else m_list[0]
       new[site.path] = DoraWeight(w=w, a=jnp.asarray(a, adt), b=jnp.asarray(b, adt),
                                   magnitude=jnp.asarray(mag, adt), scale=scales.pop(),
-                                  n_in=site.n_in)
+                                  n_in=site.n_in, dropout=dropout)
       continue
     new[site.path] = LoraWeight(w=w, a=jnp.asarray(a, adt), b=jnp.asarray(b, adt),
                                 scale=scales.pop(), n_in=site.n_in, dropout=dropout)
