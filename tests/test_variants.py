@@ -130,6 +130,24 @@ def test_dora_norm_is_a_constant_in_the_backward_pass():
   np.testing.assert_allclose(got, jax.grad(reference)(node.b), rtol=1e-5, atol=1e-5)
 
 
+def test_oft_exact_cayley_is_orthogonal():
+  """``cayley_neumann=False``: ``R = (I - Q)(I + Q)^-1`` exactly (HF PEFT's ``linalg.solve``)."""
+  from peftjax.oft import rotations
+  q = rs.normal(0, 0.3, (3, 6))
+  got = np.asarray(rotations(jnp.asarray(q, jnp.float32), 4, neumann=False))
+  for vec, R in zip(q, got):
+    s = np.zeros((4, 4))
+    s[np.triu_indices(4, 1)] = vec
+    Q = s - s.T
+    np.testing.assert_allclose(R, (np.eye(4) - Q) @ np.linalg.inv(np.eye(4) + Q), atol=1e-5)
+    np.testing.assert_allclose(R @ R.T, np.eye(4), atol=1e-5)
+  W = jnp.asarray(rs.normal(size=(8, 3)), jnp.float32)
+  node = _perturbed(peftjax.oft.apply({"o": {"kernel": W}}, block_size=4, targets=["o"],
+                                      cayley_neumann=False))["o"]["kernel"]
+  merged = np.asarray(peftjax.merge(node))
+  np.testing.assert_allclose(np.linalg.norm(merged, axis=0), np.linalg.norm(W, axis=0), rtol=1e-5)
+
+
 def test_dora_dropout_is_hf_peft_s():
   """With a key set: ``x W + (f - 1) x_d W + f s (x_d A) B`` (HF PEFT's DoRA in training mode)."""
   W = jnp.asarray(rs.normal(size=(6, 5)), jnp.float32)
