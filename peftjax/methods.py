@@ -2,8 +2,8 @@
 :mod:`peftjax._src.method`).
 
 >>> import peftjax
->>> peftjax.methods.names()[:3]
-['lora', 'qlora', 'adapters']
+>>> peftjax.methods.names()[:4]
+['lora', 'qlora', 'dora', 'vera']
 """
 
 from peftjax._src.method import (METHOD_MODULES, Method, Option, Refine, all_methods, fraction,

@@ -117,22 +117,24 @@ def one_error(capsys, *argv) -> str:
 def test_methods_lists_every_method(capsys):
   rc, out, _ = run(capsys, "methods")
   names = [line.split()[0] for line in out.strip().splitlines()]
-  assert rc == 0 and names == ["lora", "qlora", "adapters", "ia3", "prompt", "prefix", "ptuning",
-                               "bitfit", "partial", "diff_pruning", "full"]
+  assert rc == 0 and names == ["lora", "qlora", "dora", "vera", "loha", "lokr", "oft", "adapters",
+                               "ia3", "prompt", "prefix", "ptuning", "bitfit", "partial",
+                               "diff_pruning", "full"]
   assert names == peftjax.methods.names()
 
 
 def test_help_teaches_with_examples(capsys):
   rc, out, _ = run(capsys, "train", "--help")
   assert rc == 0 and "examples:" in out and out.count("peftjax train --model") >= 3
-  assert "lora / qlora options" in out and "diff_pruning options" in out
+  assert "lora / qlora / dora options" in out and "diff_pruning options" in out
   rc, out, _ = run(capsys, "--help")
   assert rc == 0 and "peftjax eval --adapter" in out
 
 
 def test_option_of_another_method_is_an_error(capsys):
   assert one_error(capsys, "train", "--method", "ia3", "--rank", "4") == (
-      "peftjax train: error: --rank does not apply to --method ia3 (it applies to: lora, qlora)")
+      "peftjax train: error: --rank does not apply to --method ia3 (it applies to: lora, qlora, "
+      "dora, vera, loha, lokr)")
   assert one_error(capsys, "train", "--method", "lora", "--n-tokens", "4") == (
       "peftjax train: error: --n-tokens does not apply to --method lora (it applies to: prompt, "
       "prefix, ptuning)")
@@ -144,7 +146,7 @@ def test_option_of_another_method_is_an_error(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--method", "dora"], "argument --method: invalid choice: 'dora'"),
+    (["train", "--method", "boft"], "argument --method: invalid choice: 'boft'"),
     (["train", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
     (["train", "--steps", "x"], "argument --steps: expected a positive integer, got 'x'"),
     (["train", "--lr", "-1"], "argument --lr: expected a positive number, got '-1'"),

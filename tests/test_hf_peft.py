@@ -322,8 +322,9 @@ def test_save_refuses_mixed_or_unmapped_methods(base, tmp_path):
                                        r"\(node type 'diff_pruning'\), which has no Hugging Face "
                                        r"PEFT format"):
     save_hf_peft(peftjax.diff_pruning.apply(params, targets=["q_proj"]), tmp_path / "y")
-  with pytest.raises(ValueError, match=r"no node to save: none of LoraWeight \(LORA\), IA3Weight "
-                                       r"\(IA3\), SoftPrompt \(PROMPT_TUNING\), Prefix"):
+  with pytest.raises(ValueError, match=r"no node to save: none of DoraWeight \(LORA\), LoraWeight "
+                                       r"\(LORA\), IA3Weight \(IA3\), SoftPrompt "
+                                       r"\(PROMPT_TUNING\), Prefix .*VeraWeight \(VERA\)"):
     save_hf_peft(params, tmp_path / "z")
   assert not any((tmp_path / d).exists() for d in "xyz")
 
@@ -393,8 +394,8 @@ def test_save_dispatches_on_node_declarations(base, tmp_path):
   model, params = base[True]
   with pytest.raises(ValueError, match=r"layers/self_attn/o_proj/kernel is a BottleneckAdapter "
                                        r"\(node type 'bottleneck_adapter'\), which has no Hugging "
-                                       r"Face PEFT format \(node types with one: LoraWeight "
-                                       r"\(LORA\), IA3Weight \(IA3\)"):
+                                       r"Face PEFT format \(node types with one: DoraWeight "
+                                       r"\(LORA\), LoraWeight \(LORA\), IA3Weight \(IA3\)"):
     save_hf_peft(peftjax.adapters.apply(params, 4, targets=["o_proj"]), tmp_path / "a")
   tree = peftjax.prefix.apply(params, model.config, 3, hidden=8)
   with pytest.raises(ValueError, match=r"^prefix is a PrefixMLP \(node type 'prefix_mlp'\), a "
@@ -494,8 +495,8 @@ def test_config_for_another_method(base, adapter_copy):
     load_hf_peft(FIX / "ia3", base[False][1], method="lora")
   with pytest.raises(ValueError, match="PROMPT_TUNING adapter, not PREFIX_TUNING"):
     prefix_tuning_from_hf(read_hf_peft(FIX / "prompt_tuning"))
-  _edit_config(adapter_copy, peft_type="LOHA")
-  with pytest.raises(ValueError, match="peft_type 'LOHA' is not supported; supported: LORA, IA3"):
+  _edit_config(adapter_copy, peft_type="BOFT")
+  with pytest.raises(ValueError, match="peft_type 'BOFT' is not supported; supported: LORA, IA3"):
     load_hf_peft(adapter_copy, base[False][1])
 
 
@@ -571,8 +572,11 @@ def test_stacked_layers_with_per_layer_ranks(base, adapter_copy):
 
 def test_config_checks(base, adapter_copy):
   params = base[False][1]
-  _edit_config(adapter_copy, use_dora=True)
-  with pytest.raises(ValueError, match="use_dora=True is not supported"):
+  _edit_config(adapter_copy, lora_bias=True)
+  with pytest.raises(ValueError, match="lora_bias=True is not supported"):
+    load_hf_peft(adapter_copy, params)
+  _edit_config(adapter_copy, use_dora=True, lora_bias=False)   # DoRA needs its magnitudes
+  with pytest.raises(ValueError, match=r"missing key '.*\.lora_magnitude_vector'"):
     load_hf_peft(adapter_copy, params)
   _edit_config(adapter_copy, use_dora=False, r="4")
   with pytest.raises(ValueError, match="'r' must be a positive integer"):

@@ -29,7 +29,7 @@ def llama():
 
 
 SMALL = {"n_tokens": 3, "prefix_hidden": 8, "bottleneck": 4, "top_layers": 1,
-         "encoder_hidden": 8}
+         "encoder_hidden": 8, "block_size": 4}
 
 
 def _build(method, llama):
@@ -46,8 +46,8 @@ def test_names_aliases_and_lookup():
     assert methods.get(name) is m and getattr(peftjax, name).METHOD is m
     for alias in m.aliases:
       assert methods.get(alias) is m
-  with pytest.raises(ValueError, match="unknown method 'dora'; known methods: lora, qlora"):
-    methods.get("dora")
+  with pytest.raises(ValueError, match="unknown method 'boft'; known methods: lora, qlora"):
+    methods.get("boft")
 
 
 @pytest.mark.parametrize("name", methods.names())

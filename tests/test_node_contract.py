@@ -50,6 +50,24 @@ def _adapter(stacked: bool, parallel: bool = False):
 EXAMPLES = {
     "lora": lambda: (LoraWeight(_arr(0, D, D), _arr(1, D, 2), _arr(2, 2, D), scale=0.5),
                      LoraWeight(_arr(0, L, D, D), _arr(1, L, D, 2), _arr(2, L, 2, D), scale=0.5)),
+    "dora": lambda: (peftjax.dora.DoraWeight(_arr(0, D, D), _arr(1, D, 2), _arr(2, 2, D),
+                                             1.0 + _arr(3, D, scale=0.1), scale=0.5),
+                     peftjax.dora.DoraWeight(_arr(0, L, D, D), _arr(1, L, D, 2), _arr(2, L, 2, D),
+                                             1.0 + _arr(3, L, D, scale=0.1), scale=0.5)),
+    "vera": lambda: (peftjax.vera.VeraWeight(_arr(0, D, D), _arr(1, D, 3), _arr(2, 3, D),
+                                             _arr(3, 3), _arr(4, D)),
+                     peftjax.vera.VeraWeight(_arr(0, L, D, D), _arr(1, L, D, 3), _arr(2, L, 3, D),
+                                             _arr(3, L, 3), _arr(4, L, D))),
+    "loha": lambda: (peftjax.loha.LohaWeight(_arr(0, D, D), _arr(1, D, 2), _arr(2, 2, D),
+                                             _arr(3, D, 2), _arr(4, 2, D), scale=0.5),
+                     peftjax.loha.LohaWeight(_arr(0, L, D, D), _arr(1, L, D, 2), _arr(2, L, 2, D),
+                                             _arr(3, L, D, 2), _arr(4, L, 2, D), scale=0.5)),
+    "lokr": lambda: (peftjax.lokr.LokrWeight(_arr(0, D, D), _arr(1, 2, 4), a2=_arr(2, 4, 1),
+                                             b2=_arr(3, 1, 2), scale=0.5),
+                     peftjax.lokr.LokrWeight(_arr(0, L, D, D), _arr(1, L, 2, 2),
+                                             w2=_arr(2, L, 4, 4), scale=0.5, rank=2)),
+    "oft": lambda: (peftjax.oft.OftWeight(_arr(0, D, D), _arr(1, 2, 6), block_size=4),
+                    peftjax.oft.OftWeight(_arr(0, L, D, D), _arr(1, L, 1, 6), block_size=4)),
     "quantized": lambda: (quantize_array(_arr(0, D, D), block_size=8), None),
     "trainable": lambda: (Trainable(_arr(0, D, D)), Trainable(_arr(0, L, D, D))),
     "slice_trainable": lambda: (SliceTrainable(_arr(0, D, D), _arr(1, 2, D), index=(1, 5)), None),
@@ -177,7 +195,7 @@ def test_astype_keeps_the_node_and_what_it_stands_for(tid):
 def test_set_rng_fills_and_clears_the_rng_field(tid):
   cls = PEFTJAX_TYPES[tid]
   node = example(tid)
-  if tid == "lora":
+  if tid in ("lora", "dora"):
     node = node.replace(dropout=0.5)
   out = peftjax.set_rng({"x": node}, jax.random.key(3))["x"]
   if cls.rng_field is None or not node.wants_rng():
@@ -187,7 +205,7 @@ def test_set_rng_fills_and_clears_the_rng_field(tid):
   assert data.dtype == jnp.uint32 and data.shape == (*node.rng_shape(), 2)
   assert getattr(peftjax.set_rng({"x": out}, None)["x"], cls.rng_field) is None
   if type(node).mergeable:   # per-step randomness changes what a training step computes
-    assert not np.allclose(peftjax.merge(out), peftjax.merge(node)) or tid == "lora"
+    assert not np.allclose(peftjax.merge(out), peftjax.merge(node)) or tid in ("lora", "dora")
 
 
 @pytest.mark.parametrize("tid", IDS)

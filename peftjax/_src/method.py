@@ -26,8 +26,8 @@ __all__ = ["Method", "Option", "Refine", "get", "names", "all_methods", "registe
            "METHOD_MODULES", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction", "rate"]
 
 #: Modules (``peftjax.<name>``) that define a ``METHOD``, in the order ``peftjax methods`` lists.
-METHOD_MODULES = ("lora", "qlora", "adapters", "ia3", "prompt", "prefix", "ptuning", "bitfit",
-                  "partial", "diff_pruning", "full")
+METHOD_MODULES = ("lora", "qlora", "dora", "vera", "loha", "lokr", "oft", "adapters", "ia3",
+                  "prompt", "prefix", "ptuning", "bitfit", "partial", "diff_pruning", "full")
 
 
 # ------------------------------------------------------------------------------------------------

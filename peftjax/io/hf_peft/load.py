@@ -8,10 +8,13 @@ give the arrays of the last two.
 Config. ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` (matched as HF PEFT does:
 ``re.match(rf"(.*\\.)?({key})$", module)``), ``use_rslora``, ``lora_dropout``, ``target_modules``
 (list, regex or ``"all-linear"``), ``exclude_modules``, ``layers_to_transform``/``layers_pattern``,
-``feedforward_modules`` (IA3) and ``modules_to_save`` (loaded as plain, frozen weights) are
-honoured; features that change the forward pass and that peftjax cannot express (DoRA, LoRA
-biases, ``bias != "none"``, ...) are a ``ValueError``; config fields this module does not know
-are kept in :attr:`HfPeftAdapter.config` (listed in ``unknown``) and warned about, never fatal.
+``feedforward_modules`` (IA3), ``use_dora`` (``DoraWeight`` nodes, with the
+``lora_magnitude_vector`` tensors) and ``modules_to_save`` (loaded as plain, frozen weights) are
+honoured; the LoRA-family variants VeRA, LoHa, LoKr and OFT load through their node types'
+``from_hf_peft`` (see :mod:`peftjax._src.variants`); features that change the forward pass and
+that peftjax cannot express (LoRA biases, ``bias != "none"``, ...) are a ``ValueError``; config
+fields this module does not know are kept in :attr:`HfPeftAdapter.config` (listed in
+``unknown``) and warned about, never fatal.
 Shapes are strict, and every missing, extra or misshapen tensor is a ``ValueError`` naming the key.
 
 Safety: only JSON and safetensors are read (never pickle: a directory holding only
@@ -73,10 +76,19 @@ _PROMPT_FIELDS = _COMMON_FIELDS | {
 _KNOWN_FIELDS = {"LORA": _LORA_FIELDS, "IA3": _IA3_FIELDS, "PROMPT_TUNING": _PROMPT_FIELDS,
                  "PREFIX_TUNING": _PROMPT_FIELDS}
 
+def _variant_fields(peft_type: str):
+  """The config fields a LoRA-family variant's node type declares (``hf_peft_fields``)."""
+  from peftjax._src.nodes import node_types
+  for cls in node_types().values():
+    if cls.hf_peft_type == peft_type and hasattr(cls, "hf_peft_fields"):
+      return _COMMON_FIELDS | set(cls.hf_peft_fields)
+  return None
+
+
 # LoRA config fields that change the forward pass in ways a LoraWeight cannot express:
 # field -> predicate "value is unsupported".
 _UNSUPPORTED_LORA = {
-    "use_dora": bool, "lora_bias": bool, "use_qalora": bool, "use_bdlora": bool,
+    "lora_bias": bool, "use_qalora": bool, "use_bdlora": bool,
     "bias": lambda v: v not in (None, "none"),
     "layer_replication": lambda v: v is not None,
     "target_parameters": lambda v: bool(v),
@@ -167,6 +179,8 @@ def read_hf_peft(path: str | os.PathLike, *, adapter_name: Optional[str] = None,
     raise ValueError(f"{cfg_path}: 'peft_type' is missing or not a string ({peft_type!r})")
   peft_type = peft_type.upper()
   known = _KNOWN_FIELDS.get(peft_type)
+  if known is None:
+    known = _variant_fields(peft_type)
   unknown = tuple(sorted(set(cfg) - known)) if known is not None else ()
   if unknown and warn_unknown:
     warnings.warn(f"{cfg_path}: unknown adapter_config fields {list(unknown)} are kept "
@@ -249,7 +263,8 @@ def _detect_bert_prefix(keys: Iterable[str]) -> str:
 
 
 _LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_\-]+)?\.weight|"
-                       r"(.+)\.(lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_\-]+)?")
+                       r"(.+)\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                       r"(?:\.[A-Za-z0-9_\-]+)?")
 _IA3_KEY = re.compile(r"(.+)\.(ia3_l)(?:\.[A-Za-z0-9_\-]+)?")
 
 
@@ -333,11 +348,20 @@ def load_hf_peft(path: str | os.PathLike, params, *, method: Optional[str] = Non
     found, rest = _classify(adapter, _LORA_KEY)
     new = _modules_to_save(adapter, inner, family, hf_prefix, rest, set(found))
     new.update(_lora_nodes(adapter, sites, found, new, family, dtype))
-  else:
+  elif pt == "IA3":
     _check_ia3_config(adapter.config, cfg_path)
     found, rest = _classify(adapter, _IA3_KEY)
     new = _modules_to_save(adapter, inner, family, hf_prefix, rest, set(found))
     new.update(_ia3_nodes(adapter, inner, sites, found, new, family, dtype))
+  else:
+    from peftjax.io.hf_peft.save import variant_type
+    cls = variant_type(pt)
+    _check_variant_config(adapter.config, cfg_path)
+    cls.check_hf_peft_config(adapter.config, cfg_path)
+    parts = re.compile(r"(.+)\.(" + "|".join(re.escape(p) for p in cls.hf_peft_parts) + ")")
+    found, rest = _classify(adapter, parts, skip=set(getattr(cls, "hf_peft_shared", ())))
+    new = _modules_to_save(adapter, inner, family, hf_prefix, rest, set(found))
+    new.update(_variant_nodes(cls, adapter, sites, found, new, family, dtype))
   return _with_params(params, tuned, targeting.map_selected(lambda p, leaf: new[p], inner,
                                                              set(new)))
 
@@ -352,11 +376,14 @@ def _with_params(given, tuned: Tuned, params):
       {**given, "params": params}
 
 
-def _classify(adapter: HfPeftAdapter, pattern) -> tuple[dict, list]:
-  """``({module: {part: key}}, other keys)`` for a LoRA/IA3 file."""
+def _classify(adapter: HfPeftAdapter, pattern, skip=frozenset()) -> tuple[dict, list]:
+  """``({module: {part: key}}, other keys)`` for a LoRA/IA3/variant file (``skip``: shared keys
+  outside any module, e.g. VeRA's projections, read by the node type itself)."""
   found: dict[str, dict[str, str]] = collections.defaultdict(dict)
   rest = []
   for k in sorted(adapter.tensors):
+    if k in skip:
+      continue
     if not k.startswith(KEY_PREFIX):
       raise ValueError(f"{adapter.weights_path}: unexpected key {k!r}: Hugging Face PEFT keys "
                        f"start with {KEY_PREFIX!r}")
@@ -481,8 +508,16 @@ def _adapted_sites(sites, found: dict, where: Path, what: str):
 
 def _lora_nodes(adapter, sites, found, replaced, family, dtype) -> dict:
   cfg, where = adapter.config, adapter.weights_path
-  want = lambda s: ("lora_embedding_A", "lora_embedding_B") if s.embedding else ("lora_A", "lora_B")
-  key_of = lambda m, part, s: KEY_PREFIX + m + "." + part + ("" if s.embedding else ".weight")
+  dora = bool(cfg.get("use_dora", False))
+  if dora:
+    emb = [s.path for s in sites if s.embedding and any(_targeted(cfg, s, m) for m in s.modules)]
+    if emb:
+      raise ValueError(f"{adapter.config_path}: use_dora on the embedding {emb[0]} is not "
+                       "supported by peftjax DoRA (linear kernels only)")
+  want = lambda s: ("lora_embedding_A", "lora_embedding_B") if s.embedding else (
+      ("lora_A", "lora_B", "lora_magnitude_vector") if dora else ("lora_A", "lora_B"))
+  key_of = lambda m, part, s: KEY_PREFIX + m + "." + part + (
+      "" if s.embedding or part == "lora_magnitude_vector" else ".weight")
   _check_modules(adapter, sites, found, family, want, key_of)
   rslora = bool(cfg.get("use_rslora", False))
   dropout = float(cfg.get("lora_dropout") or 0.0)
@@ -491,12 +526,12 @@ def _lora_nodes(adapter, sites, found, replaced, family, dtype) -> dict:
     w = replaced.get(site.path, site.leaf)
     in_shape, out_shape = _site_axes(site, w)
     fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
-    a_list, b_list, scales, ranks = [], [], set(), set()
+    a_list, b_list, m_list, scales, ranks = [], [], [], set(), set()
     for m in mods:
       r, alpha = _rank_alpha(cfg, m)
       ranks.add(r)
       scales.add(alpha / math.sqrt(r) if rslora else alpha / r)
-      ka, kb = (found[m][p] for p in want(site))
+      ka, kb = (found[m][p] for p in want(site)[:2])
       A, B = adapter.tensors[ka], adapter.tensors[kb]
       if A.shape != (r, fan_in):
         raise ValueError(f"{where}: key {ka!r} has shape {list(A.shape)}, expected {[r, fan_in]} "
@@ -506,6 +541,13 @@ def _lora_nodes(adapter, sites, found, replaced, family, dtype) -> dict:
                          f"({site.path} has {fan_out} outputs; rank {r} from the config)")
       a_list.append(A.T.reshape(*in_shape, r))
       b_list.append(B.T.reshape(r, *out_shape))
+      if dora:
+        km = found[m]["lora_magnitude_vector"]
+        M = adapter.tensors[km]
+        if M.shape != (fan_out,):
+          raise ValueError(f"{where}: key {km!r} has shape {list(M.shape)}, expected "
+                           f"{[fan_out]} ({site.path} has {fan_out} outputs)")
+        m_list.append(M.reshape(out_shape))
     if len(ranks) > 1 or len(scales) > 1:
       raise ValueError(f"{where}: the layers of the layer-stacked {site.path} have different "
                        f"ranks {sorted(ranks)} or scales {sorted(scales)} (rank_pattern/"
@@ -513,8 +555,57 @@ def _lora_nodes(adapter, sites, found, replaced, family, dtype) -> dict:
     adt = _adapter_dtype(w, dtype)
     a = np.stack(a_list) if site.n_batch else a_list[0]
     b = np.stack(b_list) if site.n_batch else b_list[0]
+    if dora:
+      from peftjax.dora import DoraWeight
+      mag = np.stack(m_list) if site.n_batch else m_list[0]
+      new[site.path] = DoraWeight(w=w, a=jnp.asarray(a, adt), b=jnp.asarray(b, adt),
+                                  magnitude=jnp.asarray(mag, adt), scale=scales.pop(),
+                                  n_in=site.n_in, dropout=dropout)
+      continue
     new[site.path] = LoraWeight(w=w, a=jnp.asarray(a, adt), b=jnp.asarray(b, adt),
                                 scale=scales.pop(), n_in=site.n_in, dropout=dropout)
+  return new
+
+
+def _check_variant_config(cfg: dict, cfg_path: Path):
+  """The module-selecting fields every LoRA-family variant shares, and ``bias``."""
+  for field in ("target_modules", "exclude_modules"):
+    v = cfg.get(field)
+    if v is not None and not isinstance(v, str) and not (
+        isinstance(v, list) and all(isinstance(t, str) for t in v)):
+      raise ValueError(f"{cfg_path}: {field!r} must be a list of names or a regex, got {v!r}")
+    if isinstance(v, str) and v.lower() != "all-linear":
+      try:
+        re.compile(v)
+      except re.error as e:
+        raise ValueError(f"{cfg_path}: {field} is not a valid regular expression: {e}") from None
+  if cfg.get("bias") not in (None, "none"):
+    raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (trained biases are not "
+                     "part of peftjax's variant nodes)")
+  if cfg.get("fan_in_fan_out"):
+    raise ValueError(f"{cfg_path}: fan_in_fan_out=True (GPT-2 Conv1D weights) is not supported")
+
+
+def _variant_nodes(cls, adapter, sites, found, replaced, family, dtype) -> dict:
+  """Nodes of a LoRA-family variant: per site, the per-layer ``{part: tensor}`` dicts go to
+  ``cls.from_hf_peft``, which checks their shapes and builds the node."""
+  cfg, where = adapter.config, adapter.weights_path
+  sites = [s for s in sites if not s.embedding]
+
+  def want(site):
+    w = replaced.get(site.path, site.leaf)
+    in_shape, out_shape = _site_axes(site, w)
+    return cls.hf_peft_parts_for(cfg, site.modules[0], math.prod(in_shape), math.prod(out_shape))
+
+  _check_modules(adapter, sites, found, family, want,
+                 lambda m, part, s: KEY_PREFIX + m + "." + part)
+  new = {}
+  for site, mods in _adapted_sites(sites, found, where, adapter.peft_type):
+    w = replaced.get(site.path, site.leaf)
+    layers = [{p: adapter.tensors[k] for p, k in found[m].items()} for m in mods]
+    keys = [dict(found[m]) for m in mods]
+    new[site.path] = cls.from_hf_peft(w, site.n_batch, site.n_in, layers, keys, mods, adapter,
+                                      _adapter_dtype(w, dtype))
   return new
 
 

@@ -55,7 +55,8 @@ PROMPT_KEY_PREFIX = "base_model."
 PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 FAMILIES = ("llama", "bert", "generic")
 #: ``peft_type`` values :func:`load_hf_peft` and :func:`save_hf_peft` handle.
-SUPPORTED_METHODS = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")
+SUPPORTED_METHODS = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "VERA", "LOHA", "LOKR",
+                     "OFT")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _LAYER_COMP = re.compile(r"layers_(\d+)")

@@ -1,8 +1,11 @@
 """Writing Hugging Face PEFT adapters: :func:`save_hf_peft`.
 
 The method of a tree follows from its nodes' declarations: the ``hf_peft_type`` of every node
-type in it (``LoraWeight`` -> ``LORA``, ``IA3Weight`` -> ``IA3``, ``SoftPrompt`` ->
-``PROMPT_TUNING``, ``Prefix`` -> ``PREFIX_TUNING``); one adapter directory holds one method. A
+type in it (``LoraWeight`` and ``DoraWeight`` -> ``LORA``, ``IA3Weight`` -> ``IA3``,
+``VeraWeight`` -> ``VERA``, ``LohaWeight`` -> ``LOHA``, ``LokrWeight`` -> ``LOKR``, ``OftWeight``
+-> ``OFT``, ``SoftPrompt`` -> ``PROMPT_TUNING``, ``Prefix`` -> ``PREFIX_TUNING``); one adapter
+directory holds one method. The variants' tensors and configs come from their node types
+(:func:`variant_type`). A
 node type with a ``finalized()`` method is a training-time reparameterization (``PrefixMLP``,
 ``PromptEncoder``) that :func:`peftjax.finalize` replaces first; a trainable node type whose
 ``hf_peft_type`` is None (adapters, DiffPruning, ...) has no HF PEFT format.
@@ -180,7 +183,9 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
     ValueError: no adapter nodes, several methods in one tree, a trainable node type without an
       HF format (named), an unfinalized training-time reparameterization (``PrefixMLP``,
       ``PromptEncoder``), a prompt or prefix the method cannot hold or that is not in its slot,
-      LoRA/IA3 on a leaf that maps to no HF module, a bad adapter name.
+      LoRA/IA3 on a leaf that maps to no HF module, a bad adapter name, LoRA and DoRA nodes in one
+      tree (one ``use_dora`` per adapter), VeRA nodes that do not share one projection or rank,
+      OFT nodes with different block sizes.
 
   Example (files, so not run here)::
 
@@ -190,8 +195,6 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
   directory = safe_join(path, adapter_name)
   tuned = as_tuned(tuned)
   method, where, found_in = _method_of(tuned)
-  if method not in SUPPORTED_METHODS:  # pragma: no cover - every declared type is handled
-    raise ValueError(f"{where}: peftjax cannot write {method} adapters")
   slot = _SLOT.get(method)
   for other in tuned.slots():
     if other != slot:
@@ -237,8 +240,10 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
     all_modules = {m for s in sites if not s.embedding for m in s.modules}
     if method == "LORA":
       config, tensors = _lora_config(adapted, all_modules, rslora, cast)
-    else:
+    elif method == "IA3":
       config, tensors = _ia3_config(adapted, all_modules, cast)
+    else:
+      config, tensors = _variant_config(variant_type(method), adapted, all_modules, cast)
   tensors = list(tensors) + _saved_modules(inner, modules_to_save, family, hf_prefix,
                                            PROMPT_KEY_PREFIX if method in PROMPT_LEARNING
                                            else KEY_PREFIX, cast)
@@ -251,9 +256,21 @@ def save_hf_peft(tuned, path: str | os.PathLike, *, family: Optional[str] = None
 
 
 def _lora_config(adapted, all_modules: set, rslora: bool, cast) -> tuple[dict, list]:
+  """LoRA and its variants saved as LoRA (DoRA): a node type may declare ``hf_peft_flags``
+  (config fields its adapter sets, ``{"use_dora": True}``) and ``hf_peft_tensors()`` (per layer,
+  the tensors it adds to ``lora_A``/``lora_B``)."""
   tensors, ranks, alphas, dropouts = [], {}, {}, collections.Counter()
+  flags = {}
   for s in adapted:
-    node = s.leaf  # a LoraWeight
+    flags.setdefault(tuple(sorted(getattr(type(s.leaf), "hf_peft_flags", {}).items())),
+                     (s.path, type(s.leaf).__name__))
+  if len(flags) > 1:
+    (_, (p1, c1)), (_, (p2, c2)) = list(flags.items())[:2]
+    raise ValueError(f"the tree mixes {c1} ({p1}) and {c2} ({p2}); one HF PEFT LoRA adapter has "
+                     "one config (e.g. use_dora for all modules): save each separately")
+  for s in adapted:
+    node = s.leaf  # a LoraWeight (or a variant saved as LoRA)
+    extra = node.hf_peft_tensors() if hasattr(node, "hf_peft_tensors") else None
     r = node.rank
     alpha = node.scale * (math.sqrt(r) if rslora else r)
     a, b = np.asarray(jax.device_get(node.a)), np.asarray(jax.device_get(node.b))
@@ -265,6 +282,8 @@ def _lora_config(adapted, all_modules: set, rslora: bool, cast) -> tuple[dict, l
       names = ("lora_embedding_A", "lora_embedding_B") if s.embedding else ("lora_A.weight",
                                                                              "lora_B.weight")
       tensors += [(f"{KEY_PREFIX}{m}.{names[0]}", A), (f"{KEY_PREFIX}{m}.{names[1]}", B)]
+      for suffix, arr in (extra[i] if extra else {}).items():
+        tensors.append((f"{KEY_PREFIX}{m}.{suffix}", cast(arr)))
       ranks[m], alphas[m] = r, alpha
       dropouts[node.dropout] += 1
   r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -283,6 +302,34 @@ def _lora_config(adapted, all_modules: set, rslora: bool, cast) -> tuple[dict, l
       "lora_dropout": float(dropouts.most_common(1)[0][0]), "bias": "none",
       "fan_in_fan_out": False, "init_lora_weights": True, "layers_to_transform": None,
       "layers_pattern": None, "use_dora": False}
+  config.update(dict(next(iter(flags))))
+  return config, tensors
+
+
+def variant_type(peft_type: str) -> type:
+  """The node type that declares ``hf_peft_type == peft_type`` and the variant protocol
+  (``hf_peft_tensors``/``hf_peft_config``/``from_hf_peft``, see :mod:`peftjax._src.variants`)."""
+  for cls in node_types().values():
+    if cls.hf_peft_type == peft_type and hasattr(cls, "from_hf_peft"):
+      return cls
+  raise ValueError(f"peftjax cannot read or write {peft_type} adapters")
+
+
+def _variant_config(cls, adapted, all_modules: set, cast) -> tuple[dict, list]:
+  """Config and tensors of a LoRA-family variant, from its node type's declarations: per layer,
+  ``node.hf_peft_tensors()`` gives ``{suffix: array}`` (keys ``<module>.<suffix>``) and
+  ``node.hf_peft_settings()`` the per-module values (rank, alpha, ...) that
+  ``cls.hf_peft_config(nodes, settings)`` turns into the config and any shared tensors."""
+  tensors, settings = [], {}
+  for s in adapted:
+    per_layer = s.leaf.hf_peft_tensors()
+    for m, parts in zip(s.modules, per_layer):
+      for suffix, arr in parts.items():
+        tensors.append((f"{KEY_PREFIX}{m}.{suffix}", cast(arr)))
+      settings[m] = s.leaf.hf_peft_settings()
+  config, shared = cls.hf_peft_config([s.leaf for s in adapted], settings)
+  tensors += [(k, cast(v)) for k, v in shared]
+  config["target_modules"] = _target_modules(set(settings), all_modules | set(settings))
   return config, tensors
 
 
