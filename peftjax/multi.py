@@ -55,7 +55,6 @@ their gradient is zero. Dropout is not applied in a pool.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -407,12 +406,6 @@ def _desc(x) -> str:
   return targeting.describe_leaf(x)
 
 
-def _check_same_base(path, w, ref, who):
-  if type(w) is not type(ref) or tuple(w.shape) != tuple(ref.shape) or w.dtype != ref.dtype:
-    raise ValueError(f"{path}: adapter {who!r} has the base kernel {_desc(w)}, the pool "
-                     f"{_desc(ref)}: all adapters of a pool must share one base model")
-
-
 def _lora_slot(path, node: LoraWeight, pool_like, max_rank: int, who: str):
   """``(a, b)`` of one adapter padded to ``max_rank``, checked against the pool's layout."""
   if node.n_in != pool_like.n_in or node.n_batch != pool_like.n_batch:
@@ -432,10 +425,6 @@ def _lora_slot(path, node: LoraWeight, pool_like, max_rank: int, who: str):
 def _stack_slots(per_slot, nb: int):
   """``[S]`` arrays of ``[*batch, ...]`` -> ``[*batch, S, ...]``."""
   return jnp.stack(per_slot, axis=nb)
-
-
-def _full(value, lead, n_slots, dtype):
-  return jnp.full((*lead, n_slots), value, dtype)
 
 
 def _names_leaf(names, lead):
@@ -496,17 +485,12 @@ def stack(adapters: Mapping[str, Any], base=None, *, slots: Optional[int] = None
   slot_name_list = [None, *names] + [None] * (n_slots - 1 - len(names))
   new = {}
   for path in paths:
-    if path not in base_leaves:
-      raise ValueError(f"{path}: adapted by {[n for n in names if path in found[n]]} but not in "
-                       f"the base tree")
-    w = base_leaves[path]
+    w = base_leaves[path]   # (every adapter's base matches base_tree: checked above)
     here = {n: found[n][path] for n in names if path in found[n]}
     kinds = {type(x) for x in here.values()}
     if len(kinds) > 1:
       raise ValueError(f"{path}: adapted by LoRA in some adapters and IA3 in others "
                        f"({ {n: type(x).__name__ for n, x in here.items()} }); pool them apart")
-    for n, x in here.items():
-      _check_same_base(path, x.w, w, n)
     ref = next(iter(here.values()))
     lead = _layer_shape(ref)
     if isinstance(ref, LoraWeight):
@@ -569,7 +553,6 @@ def route(pool, ids):
   found = _pools(pool)
   n_slots = found[0][1].n_slots
   if isinstance(ids, (list, tuple)):
-    names = slot_names(pool)
     conv = []
     for i in ids:
       if i is None:
@@ -681,7 +664,6 @@ def _set_slot(pool, k: int, name: Optional[str], nodes: dict):
     if not isinstance(x, want):
       raise ValueError(f"{p}: the adapter has {type(x).__name__}, the pool a "
                        f"{type(pools[p]).__name__}")
-    _check_same_base(p, x.w, pools[p].w, name)
   # check everything before changing anything
   for p, x in nodes.items():
     pl = pools[p]
@@ -741,6 +723,9 @@ def load(pool, slot_or_name, adapter, *, name: Optional[str] = None):
   names = list(slot_names(pool))
   n_slots = len(names)
   if isinstance(slot_or_name, str):
+    if name is not None and name != slot_or_name:
+      raise ValueError(f"name={name!r} is only for a slot given by number; the adapter is "
+                       f"called {slot_or_name!r}")
     name = _check_name(slot_or_name)
     if name in names:
       k = names.index(name)

@@ -355,3 +355,43 @@ def test_hot_swap_does_not_recompile(tmp_path):
     multi.load(pool, 2, ads["code"], name="code")
   with pytest.raises(ValueError, match="no such adapter directory"):
     multi.load(pool, "x", tmp_path / "missing")
+
+
+def test_more_usage_errors():
+  w = jnp.ones((8, 5))
+  lora = {"d": {"kernel": LoraWeight(w, jnp.ones((8, 2)), jnp.ones((2, 5)))}}
+  pool = multi.route(multi.stack({"l": lora}, slots=3), [1, 0])
+  f = peftjax.lift(lambda p, x: x @ p["d"]["kernel"])
+  with pytest.raises(ValueError, match="needs an input with a row axis"):
+    f(pool, jnp.ones(8))
+  g = peftjax.lift(lambda p, x: jax.lax.dot_general(x, p["d"]["kernel"], (((1,), (1,)), ((), ()))))
+  with pytest.raises(TypeError, match="does not contract exactly its input axes"):
+    g(pool, jnp.ones((2, 5)))
+  with pytest.raises(ValueError, match="integer slots"):
+    multi.route(pool, np.zeros(2, np.float32))
+  with pytest.raises(ValueError, match="non-empty string"):
+    multi.stack({"": lora})
+  with pytest.raises(ValueError, match="NUL"):
+    multi.stack({"a\x00b": lora})
+  with pytest.raises(ValueError, match="max_rank must be a positive integer"):
+    multi.stack({"l": lora}, max_rank=0)
+  with pytest.raises(TypeError, match="soft prompts and prefixes cannot be pooled"):
+    multi.stack({"p": peftjax.Tuned(lora, prompt=jnp.zeros((2, 8)))})
+  w3 = jnp.ones((4, 2, 5))
+  one_in = {"d": {"kernel": LoraWeight(w3, jnp.ones((4, 2)), jnp.ones((2, 2, 5)), n_in=1)}}
+  two_in = {"d": {"kernel": LoraWeight(w3, jnp.ones((4, 2, 2)), jnp.ones((2, 5)), n_in=2)}}
+  with pytest.raises(ValueError, match="n_in=2.*the pool n_in=1"):
+    multi.stack({"one": one_in, "two": two_in})
+  out = {"d": {"kernel": peftjax.ia3.IA3Weight(w, jnp.ones(5))}}
+  inp = {"d": {"kernel": peftjax.ia3.IA3Weight(w, jnp.ones(8), side="in")}}
+  with pytest.raises(ValueError, match="scale different sides"):
+    multi.stack({"o": out, "i": inp})
+  ipool = multi.stack({"o": out}, slots=3)
+  with pytest.raises(ValueError, match="the adapter has LoraWeight, the pool a IA3Pool"):
+    multi.load(ipool, "l", lora)
+  with pytest.raises(ValueError, match="scales side 'in', the pool's 'out'"):
+    multi.load(ipool, "i", inp)
+  with pytest.raises(TypeError, match="an adapter name or a slot number"):
+    multi.load(pool, 1.5, lora)
+  with pytest.raises(ValueError, match="only for a slot given by number"):
+    multi.load(pool, "x", lora, name="y")
