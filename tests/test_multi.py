@@ -288,9 +288,11 @@ def test_one_step_on_the_pool_equals_one_step_of_each_adapter():
     assert_same_adapter(got, alone, dict(atol=1e-5, rtol=1e-4))
     before = jax.tree_util.tree_leaves(ads[names[k]])
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(got), before))
-  # slot 0 (no adapter) and its zero factors do not move
+  # slot 0 (no adapter) and the zero padding of ranks 2 -> 4 do not move
   q = new_pool["layers"]["self_attn"]["q_proj"]["kernel"]
   assert float(jnp.abs(q.a[:, 0]).max()) == 0 and float(jnp.abs(q.b[:, 0]).max()) == 0
+  assert float(jnp.abs(q.a[..., 2:]).max()) == 0 and float(jnp.abs(q.b[:, :, 2:]).max()) == 0
+  assert float(jnp.abs(q.b[:, 1:, :2]).min()) > 0
 
 
 # ------------------------------------------------------------------------------------------------
