@@ -402,10 +402,6 @@ def base_params(pool):
   return _base_tree(pool)
 
 
-def _desc(x) -> str:
-  return targeting.describe_leaf(x)
-
-
 def _lora_slot(path, node: LoraWeight, pool_like, max_rank: int, who: str):
   """``(a, b)`` of one adapter padded to ``max_rank``, checked against the pool's layout."""
   if node.n_in != pool_like.n_in or node.n_batch != pool_like.n_batch:
@@ -616,6 +612,12 @@ def unstack(pool, name: str):
 
   Raises:
     ValueError: ``name`` is not in the pool.
+
+  >>> import jax.numpy as jnp, peftjax
+  >>> t = peftjax.lora.apply({"mlp": {"up": {"kernel": jnp.ones((4, 3))}}}, rank=1)
+  >>> pool = stack({"one": t}, max_rank=4)
+  >>> unstack(pool, "one")["mlp"]["up"]["kernel"].a.shape     # the padding dropped
+  (4, 1)
   """
   k = _slot_of(pool, name)
 
@@ -719,6 +721,13 @@ def load(pool, slot_or_name, adapter, *, name: Optional[str] = None):
     ValueError: the pool is full, slot 0 or a slot out of range, a rank above the pool's maximum,
       a target the pool does not have, a different base kernel or node type, a bad name.
     TypeError: an adapter with nodes that cannot be pooled.
+
+  >>> import jax, jax.numpy as jnp, peftjax
+  >>> base = {"mlp": {"up": {"kernel": jnp.ones((4, 3))}}}
+  >>> pool = stack({"one": peftjax.lora.apply(base, rank=2)}, slots=3)
+  >>> pool = load(pool, "two", peftjax.lora.apply(base, rank=2, key=jax.random.key(1)))
+  >>> slot_names(pool), slot_names(remove(pool, "one"))
+  ((None, 'one', 'two'), (None, None, 'two'))
   """
   names = list(slot_names(pool))
   n_slots = len(names)
