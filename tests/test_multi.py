@@ -3,6 +3,7 @@
 equals training each adapter alone; hot-swapping adapters does not recompile."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +183,10 @@ def test_flattened_rows_and_routing_errors():
   # [rows * seq, d] (tokens flattened row-major): each id covers seq consecutive entries
   np.testing.assert_allclose(f(multi.route(pool, [2, 1]), x.reshape(6, 8)), want.reshape(6, 5),
                              atol=1e-5)
+  # the BGMV form: no kernel-sized array per row or per slot is ever formed, no loop over slots
+  text = str(jax.make_jaxpr(f)(multi.route(pool, [2, 1]), x))
+  assert not re.findall(r"\[\d+,8,5\]", text) and "gather" in text and "dot_general" in text
+  assert not re.findall(r"\b(scan|while)\[", text)
   with pytest.raises(ValueError, match="has no routing"):
     f(pool, x)
   with pytest.raises(ValueError, match="routed for 4 rows.*has 2 entries"):
