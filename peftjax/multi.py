@@ -210,8 +210,8 @@ class LoraPool(_Pool):
     bg = _gather(self.b, ids, nb).astype(x.dtype)          # [*batch, rows, R, *out]
     sg = _gather(self.scales, ids, nb)                     # [*batch, rows]
     # t = x_i @ A[ids[i]]: batched over the layer axes and the row axis.
-    t = lax.dot_general(x2, ag, ((lc2, tuple(c + 1 for c in rc)), (lb2 + (row,), tuple(rb) + (nb,))),
-                        **kw)                              # [batch (rb order), rows, rest, R]
+    dims = ((lc2, tuple(c + 1 for c in rc)), (lb2 + (row,), tuple(rb) + (nb,)))
+    t = lax.dot_general(x2, ag, dims, **kw)               # [batch (rb order), rows, rest, R]
     if nb:
       sg = jnp.transpose(sg, (*rb, nb))
     t = t * sg.reshape(*sg.shape, *(1,) * (t.ndim - sg.ndim)).astype(t.dtype)
@@ -415,17 +415,17 @@ def _lora_slot(path, node: LoraWeight, pool_like, max_rank: int, who: str):
   nb = node.n_batch
   pad_a = [(0, 0)] * (node.a.ndim - 1) + [(0, max_rank - r)]
   pad_b = [(0, 0)] * nb + [(0, max_rank - r)] + [(0, 0)] * (node.b.ndim - nb - 1)
-  return jnp.pad(node.a, pad_a), jnp.pad(node.b, pad_b), r
+  return np.pad(np.asarray(node.a), pad_a), np.pad(np.asarray(node.b), pad_b), r
 
 
 def _stack_slots(per_slot, nb: int):
   """``[S]`` arrays of ``[*batch, ...]`` -> ``[*batch, S, ...]``."""
-  return jnp.stack(per_slot, axis=nb)
+  return jnp.asarray(np.stack(per_slot, axis=nb))
 
 
 def _names_leaf(names, lead):
-  enc = jnp.asarray(_encode_names(names))
-  return jnp.broadcast_to(enc, (*lead, *enc.shape))
+  enc = _encode_names(names)
+  return np.broadcast_to(enc, (*lead, *enc.shape))
 
 
 def stack(adapters: Mapping[str, Any], base=None, *, slots: Optional[int] = None,
@@ -492,8 +492,8 @@ def stack(adapters: Mapping[str, Any], base=None, *, slots: Optional[int] = None
     if isinstance(ref, LoraWeight):
       adt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
           *[x.a.dtype for x in here.values()])
-      zero_a = jnp.zeros((*ref.a.shape[:-1], max_rank), adt)
-      zero_b = jnp.zeros((*lead, max_rank, *ref.b.shape[ref.n_batch + 1:]), adt)
+      zero_a = np.zeros((*ref.a.shape[:-1], max_rank), adt)
+      zero_b = np.zeros((*lead, max_rank, *ref.b.shape[ref.n_batch + 1:]), adt)
       a_s, b_s, sc, rk = [zero_a], [zero_b], [0.0], [0]
       for n in slot_name_list[1:]:
         if n is None or n not in here:
@@ -505,9 +505,9 @@ def stack(adapters: Mapping[str, Any], base=None, *, slots: Optional[int] = None
       nb = ref.n_batch
       new[path] = LoraPool(
           w=w, a=_stack_slots(a_s, nb), b=_stack_slots(b_s, nb),
-          scales=jnp.broadcast_to(jnp.asarray(sc, jnp.float32), (*lead, n_slots)),
-          ranks=jnp.broadcast_to(jnp.asarray(rk, jnp.int32), (*lead, n_slots)),
-          names=_names_leaf(slot_name_list, lead), n_in=ref.n_in)
+          scales=jnp.asarray(np.broadcast_to(np.asarray(sc, np.float32), (*lead, n_slots))),
+          ranks=jnp.asarray(np.broadcast_to(np.asarray(rk, np.int32), (*lead, n_slots))),
+          names=jnp.asarray(_names_leaf(slot_name_list, lead)), n_in=ref.n_in)
     else:
       sides = {(x.side, x.n_axes, x.n_batch) for x in here.values()}
       if len(sides) > 1:
@@ -515,14 +515,15 @@ def stack(adapters: Mapping[str, Any], base=None, *, slots: Optional[int] = None
                          f"({ {n: x.side for n, x in here.items()} }); pool them apart")
       vdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
           *[x.vector.dtype for x in here.values()])
-      ones = jnp.ones(ref.vector.shape, vdt)
-      v_s = [ones] + [here[n].vector.astype(vdt) if n in here else ones
+      ones = np.ones(ref.vector.shape, vdt)
+      v_s = [ones] + [np.asarray(here[n].vector).astype(vdt) if n in here else ones
                       for n in slot_name_list[1:]]
       rk = [0] + [int(n in here) for n in slot_name_list[1:]]
       new[path] = IA3Pool(
           w=w, vector=_stack_slots(v_s, ref.n_batch),
-          ranks=jnp.broadcast_to(jnp.asarray(rk, jnp.int32), (*lead, n_slots)),
-          names=_names_leaf(slot_name_list, lead), side=ref.side, n_axes=ref.n_axes)
+          ranks=jnp.asarray(np.broadcast_to(np.asarray(rk, np.int32), (*lead, n_slots))),
+          names=jnp.asarray(_names_leaf(slot_name_list, lead)), side=ref.side,
+          n_axes=ref.n_axes)
   return targeting.map_selected(lambda p, _: new[p], base_tree, set(new))
 
 
@@ -564,14 +565,17 @@ def route(pool, ids):
       raise ValueError(f"ids must be integer slots, got dtype {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() >= n_slots):
       raise ValueError(f"ids must be slots in [0, {n_slots}), got {arr.tolist()}")
-  ids = jnp.asarray(ids, jnp.int32)
+  traced = isinstance(ids, jax.core.Tracer)
+  ids = ids.astype(jnp.int32) if traced else np.asarray(ids, np.int32)
   if ids.ndim != 1:
     raise ValueError(f"ids must be one slot per batch row ([rows]), got shape {list(ids.shape)}")
 
   def visit(x):
     if not _is_pool(x):
       return x
-    return x.replace(ids=jnp.broadcast_to(ids, (*_layer_shape(x), ids.shape[0])))
+    shape = (*_layer_shape(x), ids.shape[0])
+    return x.replace(ids=jnp.broadcast_to(ids, shape) if traced else
+                     jnp.asarray(np.broadcast_to(ids, shape)))
   return jax.tree_util.tree_map(visit, pool, is_leaf=is_node)
 
 
@@ -625,15 +629,15 @@ def unstack(pool, name: str):
     if not _is_pool(x):
       return x
     nb = x.n_batch
-    take = lambda arr: lax.index_in_dim(arr, k, axis=nb, keepdims=False)
+    take = lambda arr: np.asarray(arr)[(slice(None),) * nb + (k,)]
     r = int(_first(x.ranks)[k])
     if r == 0:
       return x.w
     if isinstance(x, LoraPool):
-      a = take(x.a)[..., :r]
-      b = lax.slice_in_dim(take(x.b), 0, r, axis=nb)
+      a = jnp.asarray(take(x.a)[..., :r])
+      b = jnp.asarray(take(x.b)[(slice(None),) * nb + (slice(0, r),)])
       return LoraWeight(w=x.w, a=a, b=b, scale=float(_first(x.scales)[k]), n_in=x.n_in)
-    return IA3Weight(w=x.w, vector=take(x.vector), side=x.side, n_axes=x.n_axes)
+    return IA3Weight(w=x.w, vector=jnp.asarray(take(x.vector)), side=x.side, n_axes=x.n_axes)
   return jax.tree_util.tree_map(visit, pool, is_leaf=is_node)
 
 
@@ -688,18 +692,18 @@ def _set_slot(pool, k: int, name: Optional[str], nodes: dict):
     enc = x.names.at[...].set(np.asarray(_names_leaf(names, lead)))
     if isinstance(x, LoraPool):
       if node is None:
-        a = put(x.a, jnp.zeros(x.a.shape[:nb] + x.a.shape[nb + 1:]))
-        b = put(x.b, jnp.zeros(x.b.shape[:nb] + x.b.shape[nb + 1:]))
+        a = put(x.a, np.zeros(x.a.shape[:nb] + x.a.shape[nb + 1:]))
+        b = put(x.b, np.zeros(x.b.shape[:nb] + x.b.shape[nb + 1:]))
         scale, r = 0.0, 0
       else:
         pa, pb, r = _lora_slot(p, node, x, x.max_rank, name)
         a, b, scale = put(x.a, pa), put(x.b, pb), float(node.scale)
-      return x.replace(a=a, b=b, scales=put(x.scales, jnp.full(lead, scale)),
-                       ranks=put(x.ranks, jnp.full(lead, r)), names=enc)
-    v = node.vector if node is not None else jnp.ones(x.vector.shape[:nb] +
-                                                      x.vector.shape[nb + 1:])
-    return x.replace(vector=put(x.vector, v), ranks=put(x.ranks, jnp.full(lead, int(node is not None))),
-                     names=enc)
+      return x.replace(a=a, b=b, scales=put(x.scales, np.full(lead, scale)),
+                       ranks=put(x.ranks, np.full(lead, r)), names=enc)
+    v = node.vector if node is not None else np.ones(x.vector.shape[:nb] +
+                                                     x.vector.shape[nb + 1:])
+    return x.replace(vector=put(x.vector, v), names=enc,
+                     ranks=put(x.ranks, np.full(lead, int(node is not None))))
   return jax.tree_util.tree_map_with_path(visit, pool, is_leaf=is_node)
 
 
