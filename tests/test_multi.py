@@ -129,19 +129,20 @@ def check_rows(model, pooled_logits, ads, ids, tol, merged=False):
 def test_pooled_forward_equals_each_adapter_row_by_row(scan):
   model, params = llama(scan)
   ads = adapters(scan)
+  if scan:   # two of them (different ranks, scales and targets): fewer programs to compile
+    ads = {n: ads[n] for n in ("translate", "code")}
   pool = multi.stack(ads)
-  assert multi.slot_names(pool) == (None, "summarize", "translate", "code")
+  assert multi.slot_names(pool) == (None, *ads)
   q = pool["layers" if scan else "layers_0"]["self_attn"]["q_proj"]["kernel"]
-  lead = (TINY.num_layers,) if scan else ()
-  assert isinstance(q, multi.LoraPool) and q.a.shape == (*lead, 4, 64, 4)
-  assert q.b.shape == (*lead, 4, 4, 64) and q.scales.shape == (*lead, 4)
-  np.testing.assert_allclose(np.asarray(q.scales).reshape(-1, 4)[0],
-                             [0.0, 2.0, 0.5, np.sqrt(3.0)], rtol=1e-6)
-  routed = multi.route(pool, IDS)
-  got = lifted(model)({"params": routed}, TOK)
-  # with scan: against the merged model (the lifted single-adapter forward is checked without
-  # scan here and against merge with scan in test_lora)
-  check_rows(model, got, ads, IDS, dict(atol=1e-5, rtol=1e-5), merged=scan)
+  n, lead = len(ads) + 1, (TINY.num_layers,) if scan else ()
+  assert isinstance(q, multi.LoraPool) and q.a.shape == (*lead, n, 64, 4)
+  assert q.b.shape == (*lead, n, 4, 64) and q.scales.shape == (*lead, n)
+  scales = {"summarize": 2.0, "translate": 0.5, "code": np.sqrt(3.0)}   # alpha/r, rsLoRA
+  np.testing.assert_allclose(np.asarray(q.scales).reshape(-1, n)[0],
+                             [0.0, *(scales[k] for k in ads)], rtol=1e-6)
+  ids = IDS if not scan else [1, 2, 0, 2]
+  got = lifted(model)({"params": multi.route(pool, ids)}, TOK)
+  check_rows(model, got, ads, ids, dict(atol=1e-5, rtol=1e-5))
 
 
 def test_bf16_model():
@@ -186,6 +187,11 @@ def test_flattened_rows_and_routing_errors():
   # [rows * seq, d] (tokens flattened row-major): each id covers seq consecutive entries
   np.testing.assert_allclose(f(multi.route(pool, [2, 1]), x.reshape(6, 8)), want.reshape(6, 5),
                              atol=1e-5)
+  # ids are traced data: a jitted function re-routes without recompiling
+  g = jax.jit(lambda p, ids, x: f(multi.route(p, ids), x))
+  np.testing.assert_allclose(g(pool, jnp.asarray([2, 1]), x), want, atol=1e-5)
+  np.testing.assert_allclose(g(pool, jnp.asarray([1, 2]), x)[1], f(two, x[1]), atol=1e-5)
+  assert g._cache_size() == 1
   # the BGMV form: no kernel-sized array per row or per slot is ever formed, no loop over slots
   text = str(jax.make_jaxpr(f)(multi.route(pool, [2, 1]), x))
   assert not re.findall(r"\[\d+,8,5\]", text) and "gather" in text and "dot_general" in text
