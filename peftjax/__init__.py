@@ -4,7 +4,7 @@ Methods are modules with an ``apply(params, ...)`` that rewrites the tree:
 ``peftjax.lora``, ``qlora``, ``quant``, ``dora``, ``vera``,
 ``loha``, ``lokr``, ``oft`` (reparameterization); ``adapters``, ``ia3``, ``prompt``,
 ``prefix``, ``ptuning`` (additive); ``bitfit``, ``partial``, ``diff_pruning``, ``auto``
-(selective); ``full``; ``compose`` combines them. Each method module exports its ``METHOD``
+(selective); ``full``; ``compose`` combines them; ``multi`` pools many adapters on one base. Each method module exports its ``METHOD``
 record; ``peftjax.methods`` is the registry. ``lift`` runs any JAX function on the rewritten tree;
 ``split``/``combine``/``optimizer``/``trainable_mask`` partition it; ``merge`` folds it back.
 
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 # Submodules imported on first attribute access, so `import peftjax` stays light.
 _SUBMODULES = ("qlora", "quant", "dora", "vera", "loha", "lokr", "oft", "adapters", "ia3",
                "prompt", "prefix", "ptuning", "bitfit", "partial", "diff_pruning", "full", "auto",
-               "models", "io", "train", "data", "tasks", "testing", "cli")
+               "multi", "models", "io", "train", "data", "tasks", "testing", "cli")
 
 __all__ = ["lora", "methods", *_SUBMODULES, "compose", "compose_config", "lift", "merge", "split",
            "combine", "optimizer", "trainable_mask", "summary", "Summary", "Node", "is_node",

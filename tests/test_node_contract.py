@@ -46,6 +46,21 @@ def _adapter(stacked: bool, parallel: bool = False):
   return node.replace(up=_arr(9, *node.up.shape))   # up starts at zero: make the adapter act
 
 
+def _pool(kind: str, stacked: bool):
+  """An adapter pool of two adapters on one [D, D] kernel, routed for the rows ``_uses`` (4) or
+  the scan test (2) feed it."""
+  lead = (L,) if stacked else ()
+  w = _arr(0, *lead, D, D)
+  if kind == "lora":
+    one = LoraWeight(w, _arr(1, *lead, D, 2), _arr(2, *lead, 2, D), scale=0.5)
+    two = LoraWeight(w, _arr(3, *lead, D, 3), _arr(4, *lead, 3, D), scale=2.0)
+  else:
+    one = peftjax.ia3.IA3Weight(w, 1.0 + _arr(1, *lead, D))
+    two = peftjax.ia3.IA3Weight(w, 1.0 + _arr(2, *lead, D))
+  pool = peftjax.multi.stack({"one": {"k": one}, "two": {"k": two}}, slots=4)
+  return peftjax.multi.route(pool, [2, 1] if stacked else [1, 2, 0, 1])["k"]
+
+
 #: type_id -> (example node, a layer-stacked example [L, ...] or None). Kernels are [D, D].
 EXAMPLES = {
     "lora": lambda: (LoraWeight(_arr(0, D, D), _arr(1, D, 2), _arr(2, 2, D), scale=0.5),
@@ -85,6 +100,8 @@ EXAMPLES = {
     "prefix_mlp": lambda: (peftjax.prefix.init(_bert_config(), 2, hidden=4), None),
     "soft_prompt": lambda: (SoftPrompt(_arr(0, 3, D)), None),
     "prefix": lambda: (Prefix(_arr(0, L, 2, 2, 2, D // 2)), None),
+    "lora_pool": lambda: (_pool("lora", False), _pool("lora", True)),
+    "ia3_pool": lambda: (_pool("ia3", False), _pool("ia3", True)),
 }
 
 PEFTJAX_TYPES = {tid: cls for tid, cls in nodes_lib.node_types().items()

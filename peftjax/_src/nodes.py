@@ -283,7 +283,8 @@ def node_types() -> dict[str, type]:
   import importlib
 
   from peftjax._src.method import METHOD_MODULES
-  for mod in (*METHOD_MODULES, "quant"):   # quant: quantized bases outside any method
+  # quant: quantized bases outside any method; multi: adapter pools of the methods' nodes
+  for mod in (*METHOD_MODULES, "quant", "multi"):
     importlib.import_module(f"peftjax.{mod}")
   return dict(_NODE_TYPES)
 
