@@ -128,6 +128,19 @@ def _method_options() -> dict:
   return out
 
 
+def _shown_default(name: str, owners: list) -> str:
+  """`` (default: X)``, naming the methods whose own default differs (VeRA's rank)."""
+  def fmt(d):
+    return f"{d:g}" if isinstance(d, float) else f"{d}"
+  per = {m: next(o.default for o in methods.get(m).options if o.name == name) for m in owners}
+  values = [d for d in per.values() if d is not None and d is not False]
+  if not values:
+    return ""
+  common = max(values, key=values.count)
+  others = [f"{m} {fmt(d)}" for m, d in per.items() if d != common and d is not None]
+  return f" (default: {fmt(common)}" + (f"; {', '.join(others)}" if others else "") + ")"
+
+
 def _flag(name: str) -> str:
   return "--" + name.replace("_", "-")
 
@@ -144,9 +157,7 @@ def _add_method_options(p):
     g = p.add_argument_group(title)
     for name in names:
       o, owners = opts[name]
-      d = o.default
-      shown = "" if d is None or d is False else f" (default: {d:g})" if isinstance(d, float) \
-          else f" (default: {d})"
+      shown = _shown_default(name, owners)
       kw = (dict(action="store_const", const=True) if o.flag else
             dict(type=_arg_type(o.type)) if o.type is not None else {})
       if o.choices is not None:

@@ -127,6 +127,8 @@ def test_help_teaches_with_examples(capsys):
   rc, out, _ = run(capsys, "train", "--help")
   assert rc == 0 and "examples:" in out and out.count("peftjax train --model") >= 3
   assert "lora / qlora / dora options" in out and "diff_pruning options" in out
+  # a shared option shows the methods whose own default differs
+  assert "(default: 8; vera 256)" in " ".join(out.split())
   rc, out, _ = run(capsys, "--help")
   assert rc == 0 and "peftjax eval --adapter" in out
 
