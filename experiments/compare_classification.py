@@ -29,6 +29,16 @@ METHODS = {
     "lora": ("lora", ["--rank", "8", "--alpha", "16"], (3e-4, 1e-3, 3e-3), "LoRA on encoders: "
              "5e-4 to 1e-3 (Hu et al.)"),
     "qlora": ("qlora", ["--rank", "8", "--alpha", "16"], (3e-4, 1e-3, 3e-3), "as LoRA"),
+    "dora": ("dora", ["--rank", "8", "--alpha", "16"], (3e-4, 1e-3, 3e-3), "as LoRA (Liu et al. "
+             "2024 use LoRA's rates)"),
+    "vera": ("vera", ["--rank", "256"], (3e-3, 1e-2, 3e-2), "only scaling vectors train: a "
+             "large lr (Kopiczko et al.: 1e-2 to 4e-2 on GLUE)"),
+    "loha": ("loha", ["--rank", "8", "--alpha", "16"], (3e-4, 1e-3, 3e-3), "as LoRA"),
+    "lokr": ("lokr", ["--rank", "8", "--alpha", "16"], (3e-4, 1e-3, 3e-3), "as LoRA"),
+    "oft": ("oft", ["--block-size", "32"], (3e-4, 1e-3, 3e-3), "Qiu et al.: 6e-5 to 1e-3"),
+    "lora-pissa": ("lora", ["--rank", "8", "--alpha", "16", "--init", "pissa"],
+                   (3e-5, 1e-4, 3e-4), "PiSSA trains the principal directions: a lower lr than "
+                   "LoRA (Meng et al. 2024 use 2e-5 over epochs)"),
     "adapter-houlsby": ("adapters", ["--placement", "houlsby", "--bottleneck", "64"],
                         (3e-4, 1e-3, 3e-3), "Houlsby et al.: 1e-4 to 1e-3"),
     "adapter-pfeiffer": ("adapters", ["--placement", "pfeiffer", "--bottleneck", "64"],
