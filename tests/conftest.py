@@ -12,3 +12,26 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture
 def rng():
   return jax.random.key(0)
+
+
+#: Test modules that run with ``jax_numpy_dtype_promotion="strict"``, as equinox's tests do: the
+#: node, ``lift`` and method code must cast explicitly (f32 adapters on bf16 bases, int codes,
+#: masks). A test that steps an optax optimizer (Adam's bias correction raises a Python float to
+#: an int32 count) or runs a Flax test model mixing parameter and compute dtypes opts out with
+#: ``@pytest.mark.standard_promotion``.
+STRICT_MODULES = {
+    "test_node_contract", "test_lora", "test_qlora", "test_variants", "test_multi", "test_lift",
+    "test_quant", "test_ia3", "test_adapters", "test_prefix", "test_prompt", "test_partition",
+    "test_diff_pruning", "test_bitfit", "test_partial", "test_lora_init", "test_merging",
+}
+
+
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion(request):
+  strict = (request.module.__name__.rsplit(".", 1)[-1] in STRICT_MODULES
+            and request.node.get_closest_marker("standard_promotion") is None)
+  if not strict:
+    yield
+    return
+  with jax.numpy_dtype_promotion("strict"):
+    yield

@@ -228,6 +228,7 @@ def test_rule_layouts_and_gradients_without_jit():
 
 # -- training and generation --------------------------------------------------------------------
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_trains_with_optimizer_and_frozen_leaves_stay(houlsby):
   tuned, vg = houlsby
   tx = peftjax.optimizer(optax.adam(3e-2), tuned)

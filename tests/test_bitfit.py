@@ -101,6 +101,7 @@ def test_lift_matches_merge_no_jit():
   assert len(jax.tree.leaves(g)) == 3
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_training_changes_only_biases(bert):
   m, v = bert
   tuned = peftjax.bitfit.apply(v)

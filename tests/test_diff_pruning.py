@@ -89,6 +89,7 @@ def test_dense_form_lift_matches_merge_no_jit():
   check_lift_vs_merge(fn, tuned, (x,), LOSS, use_jit=False)
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_reaches_target_density_then_projects_to_exactly_k():
   kt, kd = jax.random.split(jax.random.key(0))
   teacher = jax.jit(mlp_init)(kt)

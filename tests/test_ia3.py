@@ -171,6 +171,7 @@ def test_nested_over_lora_stacked_batched_no_jit():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_trains_with_optimizer_and_frozen_leaves_stay(tuned_llama):
   tuned, vg = tuned_llama
   tx = peftjax.optimizer(optax.adam(5e-2), tuned)

@@ -123,6 +123,7 @@ def test_merged_matmul_gradient_wrt_frozen_base_is_exact():
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.standard_promotion  # the bf16 test model's RMSNorm mixes bf16 and f32
 def test_bf16_model_with_f32_adapters():
   m = TinyTransformer(dtype=jnp.bfloat16)
   v = m.init(jax.random.key(0), TOK)
@@ -139,6 +140,7 @@ def test_bf16_model_with_f32_adapters():
   assert {x.dtype for x in jax.tree.leaves(g)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.standard_promotion  # the bf16 test model's RMSNorm mixes bf16 and f32
 def test_bf16_params_lift_vs_merge():
   m = TinyTransformer()
   v = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m.init(jax.random.key(0), TOK))
@@ -152,6 +154,7 @@ def test_bf16_params_lift_vs_merge():
 
 @pytest.mark.parametrize("case,use_jit", [("linen_dense", True), ("linen_scan", True),
                                           ("nnx", True), ("linen_dense", False), ("nnx", False)])
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_training_50_steps_freezes_base_and_reduces_loss(case, use_jit):
   params, fn = CASES[case]()
   tuned = peftjax.lora.apply(params, rank=4)
@@ -340,7 +343,8 @@ def test_scan_materializes_nodes_whose_leaves_are_not_stacked():
       return self.v.dtype
 
     def materialize(self):
-      return jnp.broadcast_to(self.v, self.shape) * jnp.arange(1, self.n + 1)[:, None]
+      return jnp.broadcast_to(self.v, self.shape) * jnp.arange(1, self.n + 1,
+                                                               dtype=self.v.dtype)[:, None]
 
   node = Tiled(v=jnp.arange(4.0))
   fn = lambda t, x: lax.scan(lambda c, row: (c + row, c * row), x, t)

@@ -268,6 +268,7 @@ def row_losses(logits, tokens):
   return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0].mean(axis=1)
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_one_step_on_the_pool_equals_one_step_of_each_adapter():
   model, _ = llama(True)
   ads = twins(True, 3)   # one structure: the three steps alone compile once

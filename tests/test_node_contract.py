@@ -266,3 +266,9 @@ def test_checkpoint_round_trip(tid, tmp_path):
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
   for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_this_module_runs_with_strict_dtype_promotion():
+  """tests/conftest.py: the node contract runs with implicit dtype promotion refused."""
+  with pytest.raises(jax.dtypes.TypePromotionError):
+    jnp.ones(2, jnp.bfloat16) + jnp.ones(2, jnp.float32)

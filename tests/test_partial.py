@@ -97,6 +97,7 @@ def test_lift_matches_merge_no_jit():
     check_lift_vs_merge(fn, _perturb(tuned), (x,), lambda y: jnp.sum(y ** 2), use_jit=False)
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_scanned_layer_1_trains_alone_and_lift_matches_merge(scanned):
   """jit: lift == merge (logits and gradients); optax steps change slice 1 only."""
   m, v = scanned

@@ -49,6 +49,7 @@ def test_combine_node_type_mismatch(tuned):
     peftjax.combine(t, peftjax.lora.apply(peftjax.merge(tuned), rank=2, alpha=3))
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_optimizer_state_only_for_trainable(tuned):
   tx = peftjax.optimizer(optax.adam(1e-3), tuned)
   state = tx.init(tuned)

@@ -135,6 +135,7 @@ def test_gradients_jit_and_no_jit(llama, value_and_grad):
   np.testing.assert_allclose(gl.prompt.tokens, ge.prompt.tokens, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_trains_with_optimizer_and_frozen_leaves_stay(llama, value_and_grad):
   model, params, tree, _ = llama
   tx = peftjax.optimizer(optax.adam(1e-1), tree)

@@ -122,6 +122,7 @@ def _train(tree, fwd, steps=25, lr=3e-2):
   return peftjax.combine(trainable, frozen), losses
 
 
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_qlora_training_reduces_loss_like_lora_and_keeps_codes():
   model, params = model_case(scan=True)
   fwd = peftjax.lift(model.apply)

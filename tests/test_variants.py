@@ -218,6 +218,7 @@ def test_bad_input_is_a_clear_error():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", METHODS)
+@pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
 def test_training_lowers_the_loss_and_keeps_frozen_leaves(name):
   r = np.random.RandomState(1)
   params = {"layers": {"mlp": {"up_proj": {"kernel": jnp.asarray(r.normal(0, .3, (2, 8, 8)),
