@@ -122,8 +122,14 @@ def _uses(node):
   return lambda w: jnp.sum(jnp.tanh(w.astype(jnp.float32)) * 2.0)
 
 
-def _tol(dtype):
-  return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=2e-5, atol=2e-5)
+def _tol(dtype, ref=None):
+  """f32: 2e-5. bf16: 2e-2, the absolute part scaled by the reference's largest magnitude (a
+  bf16 rounding is relative to the terms summed, not to the element: an OFT output of -1.35
+  among values near 10 differs by 0.05 between the lifted and merged orders on jax 0.12)."""
+  if dtype != jnp.bfloat16:
+    return dict(rtol=2e-5, atol=2e-5)
+  scale = 1.0 if ref is None else max(1.0, float(np.max(np.abs(np.asarray(ref, np.float32)))))
+  return dict(rtol=2e-2, atol=2e-2 * scale)
 
 
 def test_every_node_type_has_an_example():
@@ -181,8 +187,8 @@ def test_lift_equals_merge_values_and_gradients(tid, dtype):
     assert np.isfinite(float(lifted(node))) and np.isfinite(float(jax.jit(lifted)(node)))
     return
   want = fn(peftjax.merge(node))
-  np.testing.assert_allclose(lifted(node), want, **_tol(dtype))
-  np.testing.assert_allclose(jax.jit(lifted)(node), want, **_tol(dtype))
+  np.testing.assert_allclose(lifted(node), want, **_tol(dtype, want))
+  np.testing.assert_allclose(jax.jit(lifted)(node), want, **_tol(dtype, want))
   trainable, frozen = peftjax.split(node)
   if not jax.tree_util.tree_leaves(trainable):
     return
@@ -192,9 +198,9 @@ def test_lift_equals_merge_values_and_gradients(tid, dtype):
   for a, b, c in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(gj),
                      jax.tree_util.tree_leaves(gr)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32),
-                               **_tol(dtype))
+                               **_tol(dtype, c))
     np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(c, np.float32),
-                               **_tol(dtype))
+                               **_tol(dtype, c))
   assert any(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree_util.tree_leaves(gr))
 
 
