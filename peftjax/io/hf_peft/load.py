@@ -569,16 +569,7 @@ def _lora_nodes(adapter, sites, found, replaced, family, dtype) -> dict:
 
 def _check_variant_config(cfg: dict, cfg_path: Path):
   """The module-selecting fields every LoRA-family variant shares, and ``bias``."""
-  for field in ("target_modules", "exclude_modules"):
-    v = cfg.get(field)
-    if v is not None and not isinstance(v, str) and not (
-        isinstance(v, list) and all(isinstance(t, str) for t in v)):
-      raise ValueError(f"{cfg_path}: {field!r} must be a list of names or a regex, got {v!r}")
-    if isinstance(v, str) and v.lower() != "all-linear":
-      try:
-        re.compile(v)
-      except re.error as e:
-        raise ValueError(f"{cfg_path}: {field} is not a valid regular expression: {e}") from None
+  _check_module_fields(cfg, cfg_path, ("target_modules", "exclude_modules"))
   if cfg.get("bias") not in (None, "none"):
     raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (trained biases are not "
                      "part of peftjax's variant nodes)")
@@ -609,8 +600,9 @@ def _variant_nodes(cls, adapter, sites, found, replaced, family, dtype) -> dict:
   return new
 
 
-def _check_ia3_config(cfg: dict, cfg_path: Path):
-  for field in ("target_modules", "feedforward_modules", "exclude_modules"):
+def _check_module_fields(cfg: dict, cfg_path: Path, fields):
+  """Each of ``fields`` is absent, a list of module names or a regex that compiles."""
+  for field in fields:
     v = cfg.get(field)
     if v is not None and not isinstance(v, str) and not (
         isinstance(v, list) and all(isinstance(t, str) for t in v)):
@@ -620,6 +612,10 @@ def _check_ia3_config(cfg: dict, cfg_path: Path):
         re.compile(v)
       except re.error as e:
         raise ValueError(f"{cfg_path}: {field} is not a valid regular expression: {e}") from None
+
+
+def _check_ia3_config(cfg: dict, cfg_path: Path):
+  _check_module_fields(cfg, cfg_path, ("target_modules", "feedforward_modules", "exclude_modules"))
 
 
 def _ia3_nodes(adapter, inner, sites, found, replaced, family, dtype) -> dict:
