@@ -117,6 +117,7 @@ def run_train_step(step_fn, state, frozen, batch, steps, warmup):
   compiled = jitted.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - t0
   flops = xla_flops(compiled)
+  temp = temp_bytes(compiled)
   box = [state]
   losses = []
 
@@ -127,7 +128,16 @@ def run_train_step(step_fn, state, frozen, batch, steps, warmup):
 
   times, first = _common.time_steps(step, warmup, steps, jax.block_until_ready)
   return {**_common.summarize(times), "compile_s": compile_s, "first_step_s": first,
-          "xla_flops": flops, "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+          "xla_flops": flops, "temp_bytes": temp, "loss_first": float(losses[0]),
+          "loss_last": float(losses[-1])}
+
+
+def temp_bytes(compiled) -> int | None:
+  """XLA's scratch memory of a compiled program (activations, logits, ...; None if unknown)."""
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
 
 
 # -- peftjax -------------------------------------------------------------------------------------
@@ -163,13 +173,27 @@ def case_peftjax(kind: str, shape: dict, dtype, steps: int, warmup: int) -> dict
     forward = peftjax.lift(model.apply)
   extra["frozen_bytes"] = tree_bytes(frozen)
 
+  # peftjax's training loss (what `peftjax train` runs): the model's fused LM head +
+  # cross-entropy (labels=), the same tokens as HF's labels=ids loss (every position but the last).
+  labels = jnp.concatenate([ids[:, 1:], jnp.full((ids.shape[0], 1), -100, ids.dtype)], axis=1)
+  weights = jnp.full(ids.shape, 1.0 / (ids.shape[0] * (ids.shape[1] - 1)), jnp.float32)
+
   def loss_fn(p, batch, key):
+    del key
+    return forward({"params": p}, batch["ids"], labels=batch["labels"],
+                   loss_weights=batch["weights"]), {}
+
+  def plain_loss_fn(p, batch, key):
     del key
     return next_token_loss(forward({"params": p}, batch["ids"]), batch["ids"]), {}
 
   state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key(0))
+  batch = {"ids": ids, "labels": labels, "weights": weights}
+  # The plain log-softmax loss's step is only compiled, for its scratch memory beside the fused one.
+  extra["temp_bytes_plain_loss"] = temp_bytes(
+      jax.jit(make_train_step(plain_loss_fn, tx)).lower(state, frozen, batch).compile())
   mem_setup = _common.memory()
-  res = run_train_step(make_train_step(loss_fn, tx), state, frozen, {"ids": ids}, steps, warmup)
+  res = run_train_step(make_train_step(loss_fn, tx), state, frozen, batch, steps, warmup)
   return {**res, **extra, "rss_after_setup_bytes": mem_setup.get("rss_bytes"),
           **device_memory()}
 

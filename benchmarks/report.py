@@ -233,6 +233,23 @@ README_SYSTEMS = ["peftjax_lora", "torch_lora", "qwix_lora", "peftjax_full", "to
                   "peftjax_qlora", "qwix_qlora", "torch_qlora"]
 
 
+def _loss_memory_lines(systems) -> list:
+  """XLA's scratch memory of each peftjax step with the fused loss and with the plain one."""
+  rows = [(NAMES[n], systems[n]) for n in ("peftjax_lora", "peftjax_qlora", "peftjax_full")
+          if systems.get(n, {}).get("temp_bytes") and systems[n].get("temp_bytes_plain_loss")]
+  if not rows:
+    return []
+  L = ["Scratch memory of the compiled step (XLA's `memory_analysis().temp_size_in_bytes`: "
+       "activations, logits and their gradients; exact, not affected by load), with the fused "
+       "loss and with the plain `log_softmax` loss compiled beside it:", "",
+       "| system | fused loss | plain loss | fused / plain |", "|---|---|---|---|"]
+  for name, s in rows:
+    a, b = s["temp_bytes"], s["temp_bytes_plain_loss"]
+    L.append(f"| {name} | {a / 2**20:.0f} MiB | {b / 2**20:.0f} MiB | {a / b:.2f} |")
+  L.append("")
+  return L
+
+
 def readme_block(results: dict) -> str:
   """The README's performance section body: the run (date, machine, load, versions), the step
   table and every goal with its state, all from the results JSON."""
@@ -347,7 +364,8 @@ def write_report(results: dict, path: str, fig_dir: str, *, results_path: str | 
            f"{shape['alpha']} on q/k/v/o/gate/up/down ({p['lora']:,} trainable), AdamW (lr 1e-4), "
            "next-token cross-entropy. peftjax: `peftjax.lora.apply` + `peftjax.lift(model.apply)` "
            "+ `peftjax.train.make_train_step`, jitted with the state donated (as "
-           "`peftjax.train.train` runs it). qwix: `qwix.apply_lora_to_model` with a `LoraRule` on "
+           "`peftjax.train.train` runs it), the loss by the model's fused LM head + cross-entropy "
+           "(`labels=`, `peftjax.losses.fused_cross_entropy`, as `peftjax train` runs it). qwix: `qwix.apply_lora_to_model` with a `LoraRule` on "
            "the same layers, the same jitted AdamW step over its `*_lora_a/b` parameters. "
            "PyTorch: HF PEFT `get_peft_model(LoraConfig(...))`, eager, `torch.optim.AdamW`.")
   L.append("")
@@ -359,6 +377,7 @@ def write_report(results: dict, path: str, fig_dir: str, *, results_path: str | 
     if k in ratios:
       L.append(f"- {k}: **{ratios[k]:.2f}x**")
   L.append("")
+  L += _loss_memory_lines(systems)
   if "step_memory" in figs:
     L.append(f"![step time and memory]({_rel(figs['step_memory'], doc_dir)})")
     L.append("")

@@ -330,6 +330,8 @@ def aggregate(records: list[dict], shape: dict) -> dict:
                    bits_per_param=ok[0].get("bits_per_param"),
                    frozen_bytes=ok[0].get("frozen_bytes"), tile_size=ok[0].get("tile_size"),
                    loss_first=ok[0].get("loss_first"), loss_last=ok[0].get("loss_last"),
+                   temp_bytes=ok[0].get("temp_bytes"),
+                   temp_bytes_plain_loss=ok[0].get("temp_bytes_plain_loss"),
                    device_peak_bytes=_med([r.get("peak_bytes_in_use") for r in ok]),
                    analytic_flops=_common.analytic_flops(shape, TRAIN_KIND[name]))
     systems[name] = entry

@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 # Submodules imported on first attribute access, so `import peftjax` stays light.
 _SUBMODULES = ("qlora", "quant", "dora", "vera", "loha", "lokr", "oft", "adapters", "ia3",
                "prompt", "prefix", "ptuning", "bitfit", "partial", "diff_pruning", "full", "auto",
-               "multi", "models", "io", "train", "data", "tasks", "testing", "cli")
+               "multi", "losses", "models", "io", "train", "data", "tasks", "testing", "cli")
 
 __all__ = ["lora", "methods", *_SUBMODULES, "compose", "compose_config", "lift", "merge", "split",
            "combine", "optimizer", "trainable_mask", "summary", "Summary", "Node", "is_node",

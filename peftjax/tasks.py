@@ -22,6 +22,7 @@ Short names for the offline models: ``minilm`` (all-MiniLM-L6-v2) and ``smollm2`
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import data as data_lib
+from peftjax import losses
 from peftjax._src import tuned as tuned_lib
 
 __all__ = ["MODELS", "resolve_model", "Task", "classification_task", "lm_task", "base_forward"]
@@ -167,19 +169,36 @@ def _classification_objective(forward):
   return loss_fn, eval_fn
 
 
+def _takes_keyword(fn, name: str) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 def _lm_objective(forward):
-  def nll(tree, batch):
+  # With a forward that passes labels= on to the model (peftjax.forward of the reference Llama),
+  # the model's fused LM head + cross-entropy: the [batch, seq, vocab] logits are never held, in
+  # the forward or the backward pass (peftjax.losses.fused_cross_entropy). A forward of one's own
+  # that returns logits gets the plain loss.
+  fused = _takes_keyword(forward, "labels")
+
+  def nll_sum(tree, batch, weights=None):
     ids = batch["input_ids"]
-    logits = forward(tree, ids[:, :-1])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    return -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    if fused:
+      return forward(tree, ids[:, :-1], labels=ids[:, 1:], loss_weights=weights)
+    nll = losses.cross_entropy(forward(tree, ids[:, :-1]), ids[:, 1:])
+    return nll.sum() if weights is None else (weights * nll).sum()
 
   def loss_fn(tree, batch, key):
-    return nll(tree, batch).mean(), {}
+    ids = batch["input_ids"]
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    return nll_sum(tree, batch, jnp.full((ids.shape[0], ids.shape[1] - 1), 1.0 / n)), {}
 
   def eval_fn(tree, batch):
-    tok_nll = nll(tree, batch)
-    return {"nll": (tok_nll.sum(), tok_nll.size)}
+    ids = batch["input_ids"]
+    return {"nll": (nll_sum(tree, batch), ids.shape[0] * (ids.shape[1] - 1))}
   return loss_fn, eval_fn
 
 

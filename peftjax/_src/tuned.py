@@ -228,6 +228,10 @@ def forward(model, *, embedding_path: Optional[str] = None, strip_outputs: bool 
       raise TypeError("with a soft prompt, pass model arguments after attention_mask by keyword")
     inputs = prepend(t.prompt, embed(t.params, input_ids, embedding_path=embedding_path), mask,
                      token_type_ids=kwargs.pop("token_type_ids", None))
+    n_virtual = t.prompt.shape[0]
+    for name, fill in (("labels", -100), ("loss_weights", 0)):   # the fused loss's targets
+      if kwargs.get(name) is not None:
+        kwargs[name] = jnp.pad(kwargs[name], ((0, 0), (n_virtual, 0)), constant_values=fill)
     out = model.apply(variables, **inputs, **kwargs)
     if strip_outputs:
       out = _strip_outputs(out, t.prompt.shape[0], inputs["attention_mask"].shape[1])

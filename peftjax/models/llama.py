@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from peftjax import losses
 from peftjax.models import common
 from peftjax.models.common import RMSNorm, constrain
 
@@ -220,6 +221,28 @@ def _dense(features, use_bias, cfg, dtype, param_dtype, name):
                   kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
+class LMHead(nn.Module):
+  """The output projection ``lm_head/kernel [hidden, vocab]`` (no bias), as ``nn.Dense`` computes it.
+
+  ``head(x)`` gives float32 logits; ``head(x, labels, weights)`` the summed token cross-entropy by
+  :func:`peftjax.losses.fused_cross_entropy`, without forming the logits.
+  """
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, labels=None, weights=None):
+    cfg = self.config
+    kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range),
+                        (x.shape[-1], cfg.vocab_size), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if labels is not None:
+      return losses.fused_cross_entropy(x, kernel, labels, weights=weights)
+    out = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return out.astype(jnp.float32)
+
+
 class LlamaAttention(nn.Module):
   config: LlamaConfig
   dtype: Dtype = jnp.float32
@@ -329,8 +352,9 @@ class LlamaForCausalLM(nn.Module):
   def __call__(self, input_ids: Optional[Array] = None, *, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None, inputs_embeds: Optional[Array] = None,
                prefix: Optional[Array] = None, cache: Optional[KVCache] = None,
-               logits_index: Optional[Array] = None, return_hidden: bool = False):
-    """Logits for every position (or hidden states).
+               logits_index: Optional[Array] = None, return_hidden: bool = False,
+               labels: Optional[Array] = None, loss_weights: Optional[Array] = None):
+    """Logits for every position (or hidden states, or the summed token loss).
 
     Args:
       input_ids: int ``[batch, seq]``; or give ``inputs_embeds`` ``[batch, seq, hidden]`` instead.
@@ -348,10 +372,16 @@ class LlamaForCausalLM(nn.Module):
         (``[batch, 1, vocab]``), e.g. the last real token of a padded prompt.
       return_hidden: return the final normed hidden states ``[batch, seq, hidden]`` instead of
         logits.
+      labels: int ``[batch, seq]``: return the summed cross-entropy of these targets (negative
+        labels are ignored) instead of logits, computed by
+        :func:`peftjax.losses.fused_cross_entropy` in chunks of tokens, so the
+        ``[batch, seq, vocab]`` float32 logits (and their gradient) are never held.
+      loss_weights: float ``[batch, seq]`` per-token weights of that sum (e.g. ``1 / n`` for the
+        mean); default 1.
 
     Returns:
-      ``logits`` float32 ``[batch, seq, vocab]`` (or hidden states); ``(logits, cache)`` if a cache
-      was given.
+      ``logits`` float32 ``[batch, seq, vocab]`` (or hidden states, or with ``labels`` a float32
+      scalar); ``(logits, cache)`` if a cache was given.
     """
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
@@ -412,13 +442,20 @@ class LlamaForCausalLM(nn.Module):
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index.astype(jnp.int32)[:, None, None], axis=1)
 
+    if labels is not None:
+      if return_hidden or cache is not None or logits_index is not None:
+        raise ValueError("labels= (the fused loss) does not combine with return_hidden, cache or "
+                         "logits_index")
+      if cfg.tie_word_embeddings:
+        table = jnp.asarray(embed.embedding, self.dtype)
+        return losses.fused_cross_entropy(x, table, labels, transpose=True, weights=loss_weights)
+      return LMHead(cfg, self.dtype, self.param_dtype, name="lm_head")(x, labels, loss_weights)
     if return_hidden:
       out = x
     elif cfg.tie_word_embeddings:
       out = embed.attend(x).astype(jnp.float32)
     else:
-      out = _dense(cfg.vocab_size, False, cfg, self.dtype, self.param_dtype, "lm_head")(x)
-      out = out.astype(jnp.float32)
+      out = LMHead(cfg, self.dtype, self.param_dtype, name="lm_head")(x)
     if cache is None:
       return out
     nk, nv = new_kv  # [layers, b, t, kvh, hd]
