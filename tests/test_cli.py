@@ -397,6 +397,45 @@ def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
   assert rc == 0 and stdout.strip(), err
 
 
+def test_qlora_lm_run_generates_and_stacks_its_layers(capsys, files, tmp_path):
+  out = tmp_path / "run"
+  rc, stdout, err = run(capsys, "train", "--model", files / "llama", "--method", "qlora",
+                        "--rank", "2", "--data", files / "text.txt", "--steps", "1",
+                        "--batch-size", "2", "--seq-len", "8", "--no-baseline", "--out", out)
+  assert rc == 0, err
+  assert json.loads((out / "run.json").read_text())["scan_layers"] is True
+  # generation loads the base as training did (quantized, f32 compute): the adapter restores
+  rc, stdout, err = run(capsys, "generate", "--adapter", out, "--prompt", "good film",
+                        "--max-new-tokens", "2")
+  assert rc == 0 and stdout.strip(), err
+
+
+def test_a_run_saved_unstacked_keeps_its_layout(capsys, files, tmp_path, monkeypatch):
+  # Runs saved before language models were layer-stacked have no "scan_layers" in run.json and
+  # per-layer checkpoints: they resume and generate with per-layer parameters, as trained.
+  record = cli._run_record
+
+  def old_record(a):
+    r = record(a)
+    r.pop("scan_layers")
+    return r
+  out = tmp_path / "run"
+  argv = ["train", "--model", files / "llama", "--method", "lora", "--rank", "2", "--data",
+          files / "text.txt", "--batch-size", "2", "--seq-len", "8", "--save-every", "1",
+          "--no-baseline", "--out", out]
+  with monkeypatch.context() as m:
+    m.setattr(cli, "_run_record", old_record)
+    rc, stdout, err = run(capsys, *argv, "--steps", "1")
+  assert rc == 0, err
+  assert "scan_layers" not in json.loads((out / "run.json").read_text())
+  rc, stdout, err = run(capsys, *argv, "--steps", "2")
+  assert rc == 0 and "resuming from step 1" in err, err
+  assert not json.loads((out / "run.json").read_text()).get("scan_layers")
+  rc, stdout, err = run(capsys, "generate", "--adapter", out, "--prompt", "good film",
+                        "--max-new-tokens", "2")
+  assert rc == 0 and stdout.strip(), err
+
+
 def test_eval_base_model_on_a_file(capsys, files, caplog):
   rc, stdout, err = run(capsys, "eval", "--model", files / "bert", "--data", files / "reviews.csv",
                         "--text-column", "review", "--label-column", "sentiment")
