@@ -68,28 +68,30 @@ def acting(tree, seed):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  """The model directory, four adapters (three HF PEFT, one peftjax checkpoint) and, read back
-  the way the server reads them, the trees the references run."""
+  """The model directory, four rank-2 LoRA adapters (three HF PEFT, one peftjax checkpoint) and
+  the trees the references run (float32: what the server reads back is the same)."""
   from peftjax.io.checkpoint import save_adapter
-  from peftjax.io.hf import from_pretrained, save_pretrained
-  from peftjax.io.hf_peft import load_hf_peft, save_hf_peft
+  from peftjax.io.hf import save_pretrained
+  from peftjax.io.hf_peft import save_hf_peft
   d = tmp_path_factory.mktemp("serve")
   model = LlamaForCausalLM(CFG)
-  params = jax.jit(model.init)(jax.random.key(1), jnp.ones((1, 4), jnp.int32))["params"]
-  # sharpen the random model so greedy choices are not near-ties
-  params = jax.tree_util.tree_map(lambda x: np.asarray(x * 3.0 if x.ndim >= 2 else x), params)
-  save_pretrained(params, CFG, d / "tiny", tokenizer=char_tokenizer())
-  model, params, tok = from_pretrained(d / "tiny")
-  trees = {}
+  # random weights straight from the shapes (nothing to compile), sharpened so that greedy
+  # choices are not near-ties
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: (1.0 + rng.normal(0, 0.1, s.shape) if "scale" in jax.tree_util.keystr(path)
+                       else rng.normal(0, 0.06, s.shape)).astype(np.float32), shapes)
+  tok = char_tokenizer()
+  save_pretrained(params, CFG, d / "tiny", tokenizer=tok)
+  trees = {"tiny": params}
   for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
-    t = acting(peftjax.lora.apply(params, rank=2 + i % 2, key=jax.random.key(i)), 10 + i)
+    t = acting(peftjax.lora.apply(params, rank=2, alpha=4.0 + i, key=jax.random.key(i)), 10 + i)
     if name == "delta":
       save_adapter(d / name, t)
     else:
       save_hf_peft(t, d / name)
-      t = load_hf_peft(d / name, params)
     trees[name] = t
-  trees["tiny"] = params
   return d, model, tok, trees
 
 
@@ -100,8 +102,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(files):
-  """``peftjax serve`` in a subprocess; yields its base URL; always stopped."""
+def spawned(files):
+  """``peftjax serve`` started in a subprocess (it compiles while the first test runs); always
+  stopped. Yields ``(process, base URL, log file)``."""
   d = files[0]
   port = free_port()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -114,20 +117,7 @@ def server(files):
   proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d)
   url = f"http://127.0.0.1:{port}"
   try:
-    deadline = time.monotonic() + 180
-    while True:
-      if proc.poll() is not None:
-        log.seek(0)
-        pytest.fail(f"peftjax serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-      try:
-        if httpx.get(url + "/health", timeout=2).status_code == 200:
-          break
-      except httpx.HTTPError:
-        pass
-      if time.monotonic() > deadline:
-        pytest.fail("peftjax serve did not answer /health within 180 s")
-      time.sleep(0.2)
-    yield url
+    yield proc, url, log
   finally:
     proc.terminate()
     try:
@@ -139,16 +129,45 @@ def server(files):
 
 
 @pytest.fixture(scope="module")
+def server(spawned):
+  """The base URL of the server, once it answers ``/health`` (at most 180 s)."""
+  proc, url, log = spawned
+  deadline = time.monotonic() + 180
+  while True:
+    if proc.poll() is not None:
+      log.seek(0)
+      pytest.fail(f"peftjax serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+    try:
+      if httpx.get(url + "/health", timeout=2).status_code == 200:
+        break
+    except httpx.HTTPError:
+      pass
+    if time.monotonic() > deadline:
+      pytest.fail("peftjax serve did not answer /health within 180 s")
+    time.sleep(0.2)
+  return url
+
+
+@pytest.fixture(scope="module")
 def client(server):
   return openai.OpenAI(base_url=server + "/v1", api_key="none", timeout=WAIT, max_retries=0)
 
 
+REF_LEN, REF_NEW = 24, 40   # every reference: one compiled generate() per tree structure
+
+
 def reference(files, name, ids, n, stop=True):
-  """What ``generate()`` with adapter ``name`` alone gives (greedy): the decoded text."""
+  """What ``generate()`` with adapter ``name`` alone gives (greedy, the first ``n`` tokens, up to
+  the first EOS if ``stop``): ``(decoded text, tokens)``."""
   _, model, tok, trees = files
-  out = generate(model, trees[name], jnp.asarray([ids], jnp.int32), max_new_tokens=n,
-                 stop_tokens=[2] if stop else ())
-  seq = np.asarray(out.tokens)[0][:int(out.lengths[0])].tolist()
+  assert len(ids) <= REF_LEN and n <= REF_NEW
+  row = np.zeros((1, REF_LEN), np.int32)
+  mask = np.zeros((1, REF_LEN), np.int32)
+  row[0, REF_LEN - len(ids):], mask[0, REF_LEN - len(ids):] = ids, 1   # left padding
+  out = generate(model, trees[name], row, mask, max_new_tokens=REF_NEW, stop_tokens=())
+  seq = np.asarray(out.tokens)[0][:n].tolist()
+  if stop and 2 in seq:
+    seq = seq[:seq.index(2) + 1]
   return tok.decode(seq, skip_special_tokens=True), seq
 
 
@@ -160,7 +179,7 @@ def stats(server):
 # the slot functions (no server)
 # ------------------------------------------------------------------------------------------------
 
-def test_slots_decode_each_row_as_generate_does(files):
+def test_slots_decode_each_row_as_generate_does(files, spawned):
   """Rows at different lengths, with different adapters, prefilled into arbitrary rows at
   different times, decoded in shared steps: each equals its own generate() token for token."""
   _, model, _, trees = files
@@ -224,11 +243,11 @@ def test_chat_equals_one_adapter_generate(files, client):
   msgs = [{"role": "user", "content": "Hi"}]
   ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
             add_special_tokens=False)["input_ids"]
-  want, _ = reference(files, "gamma", ids, MAX_LEN - len(ids))
-  r = client.chat.completions.create(model="gamma", messages=msgs, temperature=0)
+  want, _ = reference(files, "gamma", ids, 30)
+  r = client.chat.completions.create(model="gamma", messages=msgs, temperature=0, max_tokens=30)
   assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
   chunks = list(client.chat.completions.create(model="gamma", messages=msgs, temperature=0,
-                                               stream=True,
+                                               stream=True, max_tokens=30,
                                                stream_options={"include_usage": True}))
   assert chunks[0].choices[0].delta.role == "assistant"
   assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
@@ -236,7 +255,8 @@ def test_chat_equals_one_adapter_generate(files, client):
   # a stop string ends the text before it (not streamed out, even in part)
   if len(want) > 6:
     stop = want[3:5]
-    r = client.chat.completions.create(model="gamma", messages=msgs, temperature=0, stop=[stop])
+    r = client.chat.completions.create(model="gamma", messages=msgs, temperature=0, stop=[stop],
+                                       max_tokens=30)
     assert r.choices[0].message.content == want[:want.index(stop)]
     assert r.choices[0].finish_reason == "stop"
 
