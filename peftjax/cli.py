@@ -1041,15 +1041,18 @@ def cmd_serve(a):
   if a.max_len < 2:
     raise _UsageError(f"--max-len must be at least 2, got {a.max_len}")
   sources = _serve_adapters(a.adapter)
+  base_name = a.served_model_name or (a.model if a.model in tasks.MODELS else Path(a.model).name)
+  if base_name in sources:
+    raise _UsageError(f"--adapter {base_name!r} has the base model's name; rename it")
   with _user_input():
     path = tasks.resolve_model(a.model)
     model, params, tok = from_pretrained(path, quantize=a.quantize)
   if tok is None:
     raise _UsageError(f"{a.model}: the model has no tokenizer; serve needs one to read prompts "
                       f"and write text")
-  base_name = a.served_model_name or (a.model if a.model in tasks.MODELS else Path(a.model).name)
-  if base_name in sources:
-    raise _UsageError(f"--adapter {base_name!r} has the base model's name; rename it")
+  if a.max_len > model.config.max_position_embeddings:
+    raise _UsageError(f"--max-len {a.max_len} is longer than the model's context "
+                      f"({model.config.max_position_embeddings} positions)")
   tree = params
   if sources:
     with _user_input():

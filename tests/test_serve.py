@@ -218,6 +218,21 @@ def test_slots_decode_each_row_as_generate_does(files, spawned):
 # the server
 # ------------------------------------------------------------------------------------------------
 
+def test_serve_usage_errors(files, capsys):
+  from peftjax import cli
+  d = files[0]
+  cases = [(["--adapter", "x"], "--adapter 'x': expected NAME=DIR"),
+           (["--adapter", f"a={d / 'nope'}"], "no such adapter directory"),
+           (["--adapter", f"a={d / 'alpha'}", "--adapter", f"a={d / 'beta'}"], "given twice"),
+           (["--adapter", f"tiny={d / 'alpha'}"], "has the base model's name"),
+           (["--max-len", "1"], "--max-len must be at least 2"),
+           (["--max-len", "4096"], "longer than the model's context (2048 positions)")]
+  for argv, msg in cases:
+    assert cli.main(["serve", "--model", str(d / "tiny"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftjax serve: error: ") and msg in err, err
+
+
 def test_models_and_health(server, client):
   assert httpx.get(server + "/health", timeout=WAIT).status_code == 200
   assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "beta", "gamma"]
@@ -317,6 +332,27 @@ def test_load_and_unload_at_run_time(files, server, client):
     client.completions.create(model="beta", prompt=prompt, max_tokens=2)
   r = httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "beta"}, timeout=WAIT)
   assert r.status_code == 404
+  # unloading an adapter that is generating: it is gone for new requests at once; the running
+  # request finishes as it would have (its first REF_NEW tokens: the reference), then the slot
+  # is emptied
+  ids = tok(prompt)["input_ids"]
+  want_g, _ = reference(files, "gamma", ids, REF_NEW, stop=False)
+  with httpx.stream("POST", server + "/v1/completions", timeout=WAIT,
+                    json={"model": "gamma", "prompt": prompt, "max_tokens": MAX_LEN - len(ids),
+                          "temperature": 0, "stream": True, "ignore_eos": True}) as s:
+    lines = s.iter_lines()
+    first = next(lines)
+    r = httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "gamma"},
+                   timeout=WAIT)
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError):
+      client.completions.create(model="gamma", prompt=prompt, max_tokens=2)
+    events = [e for e in (first, *lines) if e]
+  assert events[-1] == "data: [DONE]"
+  chunks = [json.loads(e[6:])["choices"][0] for e in events if e.startswith("data: {")]
+  assert "".join(c["text"] for c in chunks).startswith(want_g)
+  assert chunks[-1]["finish_reason"] == "length"
+  assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "delta"]
   # the other adapters still give what they gave; nothing was compiled for the swaps
   want_a, _ = reference(files, "alpha", tok(prompt)["input_ids"], 12)
   r = client.completions.create(model="alpha", prompt=prompt, max_tokens=12, temperature=0)

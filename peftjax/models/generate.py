@@ -220,7 +220,11 @@ def init_slots(model: LlamaForCausalLM, slots: int, max_len: int, cache_dtype: A
 def prompt_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
   """The padded prompt lengths :func:`prefill_slot` compiles for: powers of two from
   ``smallest`` below ``max_len``, and ``max_len`` (so ``log2(max_len / smallest) + 1`` programs
-  at most)."""
+  at most).
+
+  >>> prompt_buckets(100)
+  (16, 32, 64, 100)
+  """
   out, b = [], smallest
   while b < max_len:
     out.append(b)
