@@ -244,10 +244,10 @@ class Engine:
         self.cache = gen.init_slots(self.model, self.slots, self.max_len)
     for i, j in enumerate(self.rows):
       if j is not None:
-        j.emit(("error", "the server is shutting down"))
+        j.emit(("error", "the server is shutting down", 503))
     with self.lock:
       while self.pending:
-        self.pending.popleft().emit(("error", "the server is shutting down"))
+        self.pending.popleft().emit(("error", "the server is shutting down", 503))
 
   def _commands(self):
     while True:
@@ -296,7 +296,8 @@ class Engine:
     elif job.adapter in self.names and job.adapter not in self.retiring:
       job.pool_slot = self.names.index(job.adapter)
     else:  # unloaded while it waited
-      job.emit(("error", f"the model {job.adapter!r} was unloaded"))
+      job.emit(("error", f"The model `{job.adapter}` was unloaded before the request started",
+                404))
       return
     job.slot = slot
     self.rows[slot] = job
@@ -620,7 +621,7 @@ class _Server:
       elif ev[0] == "done":
         reason, usage = ev[1], ev[2]
       else:
-        raise APIError(500, ev[1], type="server_error")
+        raise _event_error(ev)
     if reason is None:   # the client went away
       return JSONResponse({}, status_code=499)
     text = "".join(text)
@@ -653,7 +654,7 @@ class _Server:
           yield _event({"id": rid, "object": obj, "created": created, "model": name,
                         "choices": [], "usage": ev[2]})
       else:
-        yield _event(APIError(500, ev[1], type="server_error").body())
+        yield _event(_event_error(ev).body())
     yield "data: [DONE]\n\n"
 
   # -- endpoints ---------------------------------------------------------------------------------
@@ -718,6 +719,14 @@ class _Server:
     except ValueError as e:
       raise _bad(str(e), "lora_name") from None
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def _event_error(ev) -> APIError:
+  """The APIError of an engine ``("error", message[, status])`` event."""
+  status = ev[2] if len(ev) > 2 else 500
+  if status == 404:
+    return APIError(404, ev[1], param="model", code="model_not_found")
+  return APIError(status, ev[1], type="server_error")
 
 
 def _event(obj) -> str:
