@@ -172,14 +172,20 @@ class Engine:
 
   # -- adapters (run in the engine thread through call()) ----------------------------------------
   def read_adapter(self, source):
-    """An adapter tree read from a directory (HF PEFT or peftjax checkpoint) onto the base;
-    any thread (reads files, touches nothing shared)."""
+    """An adapter tree read from a directory (HF PEFT, a peftjax checkpoint or a `peftjax train
+    --out` directory) onto the base; any thread (reads files, touches nothing shared)."""
     from peftjax import multi
     if not self.has_pool:
       raise ValueError("the server was started without adapters, so it has no adapter pool to "
                        "load into: start it with --adapter NAME=DIR (the pool's targets and "
                        "rank come from those)")
-    return multi._read_adapter(self.params, source)
+    from pathlib import Path
+    d = Path(source)
+    if (d / "run.json").is_file() and (d / "adapter").is_dir():   # a `peftjax train --out` dir
+      d = d / "adapter"
+    if not d.exists():
+      raise FileNotFoundError(2, "no such adapter directory", str(d))
+    return multi._read_adapter(self.params, d)
 
   def load(self, name: str, tree):
     from peftjax import multi

@@ -92,6 +92,7 @@ def files(tmp_path_factory):
     else:
       save_hf_peft(t, d / name)
     trees[name] = t
+  save_hf_peft(peftjax.lora.apply(params, rank=6, targets=["q_proj"]), d / "wide")
   return d, model, tok, trees
 
 
@@ -320,13 +321,17 @@ def test_load_and_unload_at_run_time(files, server, client):
   assert "delta" in [m.id for m in client.models.list().data]
   r = client.completions.create(model="delta", prompt=prompt, max_tokens=12, temperature=0)
   assert r.choices[0].text == want
-  # loading the same name again, a missing directory, a rank above the pool's: 400 / 404
+  # loading the same name again, a missing directory, a full pool: 400, 404, 400
   again = httpx.post(server + "/v1/load_lora_adapter",
                      json={"lora_name": "delta", "lora_path": str(d / "delta")}, timeout=WAIT)
   assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
   missing = httpx.post(server + "/v1/load_lora_adapter",
                        json={"lora_name": "x", "lora_path": str(d / "nope")}, timeout=WAIT)
-  assert missing.status_code in (400, 404) and missing.json()["error"]["message"]
+  assert missing.status_code == 404 and "no such adapter directory" in \
+      missing.json()["error"]["message"]
+  full = httpx.post(server + "/v1/load_lora_adapter",
+                    json={"lora_name": "x", "lora_path": str(d / "alpha")}, timeout=WAIT)
+  assert full.status_code == 400 and "the pool is full" in full.json()["error"]["message"]
   r = httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "beta"}, timeout=WAIT)
   assert r.status_code == 200, r.text
   assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma", "delta"]
@@ -334,6 +339,10 @@ def test_load_and_unload_at_run_time(files, server, client):
     client.completions.create(model="beta", prompt=prompt, max_tokens=2)
   r = httpx.post(server + "/v1/unload_lora_adapter", json={"lora_name": "beta"}, timeout=WAIT)
   assert r.status_code == 404
+  wide = httpx.post(server + "/v1/load_lora_adapter",
+                    json={"lora_name": "wide", "lora_path": str(d / "wide")}, timeout=WAIT)
+  assert wide.status_code == 400 and "above the pool's maximum rank 4" in \
+      wide.json()["error"]["message"]
   # unloading an adapter that is generating: it is gone for new requests at once; the running
   # request finishes as it would have (its first REF_NEW tokens: the reference), then the slot
   # is emptied
