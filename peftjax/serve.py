@@ -127,6 +127,9 @@ class Engine:
     self.pending: collections.deque = collections.deque()
     self.commands: collections.deque = collections.deque()
     self.lock = threading.Lock()
+    # a fast tokenizer's encode may reconfigure its Rust object (padding/truncation), which
+    # raises "Already borrowed" if another thread decodes at the same time
+    self.tokenizer_lock = threading.Lock()
     self.wake = threading.Event()
     self.stopping = False
     self.rng = np.random.default_rng(seed)
@@ -342,7 +345,8 @@ class Engine:
     if tok in job.stop_ids:
       return self._finish(job, "stop")
     job.tokens.append(tok)
-    text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+    with self.tokenizer_lock:
+      text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
     hit = None
     for s in job.stop_strings:
       at = text.find(s, max(0, len(job.sent) - len(s)))
@@ -516,7 +520,8 @@ class _Server:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
       p = p[0]
     if isinstance(p, str):
-      return list(tok(p)["input_ids"])
+      with self.engine.tokenizer_lock:
+        return list(tok(p)["input_ids"])
     if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
       vocab = self.engine.model.config.vocab_size
       bad = [t for t in p if not 0 <= t < vocab]
@@ -558,12 +563,13 @@ class _Server:
     if not getattr(tok, "chat_template", None):
       raise _bad("this model's tokenizer has no chat template: use /v1/completions", "messages",
                  "unsupported_parameter")
-    try:
-      text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # a template that rejects the conversation (roles, order)
-      raise _bad(f"the chat template rejects these messages: {e}", "messages",
-                 "invalid_value") from None
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    with self.engine.tokenizer_lock:
+      try:
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+      except Exception as e:  # a template that rejects the conversation (roles, order)
+        raise _bad(f"the chat template rejects these messages: {e}", "messages",
+                   "invalid_value") from None
+      return list(tok(text, add_special_tokens=False)["input_ids"])
 
   # -- running a job -----------------------------------------------------------------------------
   def _start(self, name, prompt, opts):

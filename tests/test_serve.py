@@ -420,3 +420,26 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(files, serv
   r = client.completions.create(model="alpha", prompt="x", max_tokens=2, temperature=0)
   assert r.choices[0].text == want
   assert httpx.get(server + "/health", timeout=WAIT).status_code == 200
+
+
+def test_base_model_only_in_process(files):
+  """The app without adapters (no pool), in process with Starlette's test client: the base
+  model's greedy completion equals generate(); loading an adapter is refused, clearly."""
+  from starlette.testclient import TestClient
+  from peftjax import serve
+  d, model, tok, trees = files
+  engine = serve.Engine(model, trees["tiny"], tok, base_name="tiny", slots=2, max_len=MAX_LEN)
+  try:
+    with TestClient(serve.build_app(engine)) as c:
+      assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
+      want, _ = reference(files, "tiny", tok("Call me")["input_ids"], 12)
+      r = c.post("/v1/completions", json={"model": "tiny", "prompt": "Call me",
+                                          "max_tokens": 12, "temperature": 0})
+      assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+      r = c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(d / "alpha")})
+      assert r.status_code == 400 and "started without adapters" in r.json()["error"]["message"]
+      r = c.post("/v1/unload_lora_adapter", json={"lora_name": "tiny"})
+      assert r.status_code == 400 and "is the base model" in r.json()["error"]["message"]
+  finally:
+    engine.stop()
+  assert not engine.thread.is_alive()
