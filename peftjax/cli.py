@@ -1087,7 +1087,8 @@ def cmd_methods(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The ``peftjax`` argument parser (subcommands train, eval, merge, export, generate, methods)."""
+  """The ``peftjax`` argument parser (subcommands train, eval, merge, export, generate, methods,
+  serve)."""
   ap = _Parser(prog="peftjax", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")

@@ -210,7 +210,21 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: Optional[Array] = 
 
 def init_slots(model: LlamaForCausalLM, slots: int, max_len: int, cache_dtype: Any = None):
   """An empty KV cache of ``slots`` rows of ``max_len`` tokens, one index per row, for
-  :func:`prefill_slot` and :func:`decode_step`."""
+  :func:`prefill_slot` and :func:`decode_step`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from peftjax.models import LlamaConfig, LlamaForCausalLM
+  >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+  ...                                      num_layers=1, num_heads=2, num_kv_heads=1))
+  >>> params = model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"]
+  >>> cache = init_slots(model, slots=2, max_len=24)
+  >>> t0, cache = prefill_slot(model, params, cache, 0, [5, 6, 7])     # row 0: 3 tokens
+  >>> t1, cache = prefill_slot(model, params, cache, 1, [9])           # row 1: 1 token
+  >>> toks, cache = decode_step(model, params, cache, jnp.stack([t0, t1]), jnp.zeros(2),
+  ...                           jnp.ones(2, bool))
+  >>> cache.index.tolist()                                             # each row's length
+  [4, 2]
+  """
   slots = check_positive_int(slots, "slots")
   max_len = check_positive_int(max_len, "max_len")
   return init_cache(model.config, slots, max_len, jnp.dtype(cache_dtype or model.dtype),
