@@ -295,6 +295,8 @@ class Engine:
         self.stats["errors"] += 1
         self.rows[free[0]] = None
         job.emit(("error", f"internal error: {type(e).__name__}: {e}"))
+        if self.cache.k.is_deleted():   # donated to a program that then failed: start over
+          raise
 
   def _key(self, job: _Job):
     return jax.random.fold_in(jax.random.key(job.seed), len(job.tokens))
