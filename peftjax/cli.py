@@ -8,6 +8,7 @@
     peftjax generate --model smollm2 --prompt "The whale"
     peftjax generate --adapter lm_run/ --prompt "The whale"   # with the trained LM adapter
     peftjax methods
+    peftjax serve --model smollm2 --adapter sql=runs/sql   # OpenAI-compatible, many adapters
 
 ``train`` fine-tunes a real model on a real dataset with one PEFT method, shows a progress bar,
 evaluates the base model (and, for classification, a trained linear head on the frozen model)
@@ -1022,6 +1023,72 @@ def cmd_generate(a):
   return text
 
 
+def _serve_adapters(specs: list) -> dict:
+  """``--adapter NAME=DIR`` options as ``{name: directory}``: an HF PEFT directory, a peftjax
+  adapter checkpoint, or a `peftjax train --out` directory (its adapter/)."""
+  from peftjax import multi
+  out = {}
+  for spec in specs or ():
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+      raise _UsageError(f"--adapter {spec!r}: expected NAME=DIR")
+    with _user_input():
+      multi._check_name(name)
+    if name in out:
+      raise _UsageError(f"--adapter {name!r} is given twice")
+    d = Path(path)
+    if not d.is_dir():
+      raise _UsageError(f"--adapter {name}={path}: no such adapter directory")
+    if (d / RUN_FILE).is_file() and (d / ADAPTER_DIR).is_dir():
+      d = d / ADAPTER_DIR
+    out[name] = d
+  return out
+
+
+def cmd_serve(a):
+  from peftjax import multi, serve, tasks
+  from peftjax.io.hf import from_pretrained
+  if a.max_len < 2:
+    raise _UsageError(f"--max-len must be at least 2, got {a.max_len}")
+  sources = _serve_adapters(a.adapter)
+  base_name = a.served_model_name or (a.model if a.model in tasks.MODELS else Path(a.model).name)
+  if base_name in sources:
+    raise _UsageError(f"--adapter {base_name!r} has the base model's name; rename it")
+  with _user_input():
+    path = tasks.resolve_model(a.model)
+    model, params, tok = from_pretrained(path, quantize=a.quantize)
+  if tok is None:
+    raise _UsageError(f"{a.model}: the model has no tokenizer; serve needs one to read prompts "
+                      f"and write text")
+  if a.max_len > model.config.max_position_embeddings:
+    raise _UsageError(f"--max-len {a.max_len} is longer than the model's context "
+                      f"({model.config.max_position_embeddings} positions)")
+  tree = params
+  if sources:
+    with _user_input():
+      trees = {n: _read_onto(params, d) for n, d in sources.items()}
+      ranks = [x.rank for t in trees.values() for x in jax.tree_util.tree_leaves(
+          t, is_leaf=peftjax.is_node) if isinstance(x, peftjax.lora.LoraWeight)]
+      max_rank = a.max_lora_rank or max([16, *ranks])
+      slots = (a.max_loras or max(4, len(trees))) + 1
+      tree = multi.stack(trees, slots=slots, max_rank=max_rank)
+  with _user_input():
+    engine = serve.Engine(model, tree, tok, base_name=base_name, slots=a.slots,
+                          max_len=a.max_len, seed=a.seed)
+  print(f"peftjax serve: {base_name} with adapters {list(sources) or 'none'}: {a.slots} slots "
+        f"of {a.max_len} tokens on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+  serve.serve(engine, host=a.host, port=a.port, log_level=a.log_level)
+
+
+def _read_onto(params, d: Path):
+  """An adapter directory (HF PEFT or a peftjax checkpoint) read onto the base ``params``."""
+  from peftjax.io.checkpoint import restore_adapter
+  from peftjax.io.hf_peft import ADAPTER_CONFIG, load_hf_peft
+  if (d / ADAPTER_CONFIG).is_file():
+    return load_hf_peft(d, params)
+  return restore_adapter(d, params)
+
+
 def cmd_methods(a):
   for name, m in methods.all_methods().items():
     opts = " ".join(_flag(o.name) for o in m.options)
@@ -1030,7 +1097,8 @@ def cmd_methods(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The ``peftjax`` argument parser (subcommands train, eval, merge, export, generate, methods)."""
+  """The ``peftjax`` argument parser (subcommands train, eval, merge, export, generate, methods,
+  serve)."""
   ap = _Parser(prog="peftjax", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -1085,12 +1153,44 @@ def build_parser() -> argparse.ArgumentParser:
                       "adapter was trained on raw text)")
   p.add_argument("--chat", action="store_const", const=True, default=None,
                  help="apply the tokenizer's chat template (the default without --adapter)")
+  p = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters",
+                     description="Serve a base model and its adapters over an OpenAI-compatible "
+                                 "HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+                                 "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health); a "
+                                 "request's `model` picks the adapter.",
+                     epilog="example:\n  peftjax serve --model smollm2 --adapter sql=runs/sql "
+                            "--adapter poems=hf_adapters/poems\n  curl localhost:8000/v1/"
+                            "completions -d '{\"model\": \"sql\", \"prompt\": \"SELECT\"}'",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="smollm2",
+                 help="smollm2, an HF model directory or a .gguf file (default: smollm2)")
+  p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                 help="an adapter served as model NAME (repeatable): an HF PEFT directory, a "
+                      "peftjax adapter checkpoint or a `peftjax train --out` directory")
+  p.add_argument("--served-model-name", default=None,
+                 help="the base model's name in the API (default: --model's name)")
+  p.add_argument("--slots", type=_pos_int, default=8,
+                 help="requests decoded together (cache rows; default: 8)")
+  p.add_argument("--max-len", type=_pos_int, default=1024,
+                 help="tokens per request, prompt + completion (default: 1024)")
+  p.add_argument("--max-loras", type=_pos_int, default=None,
+                 help="adapter slots of the pool (default: the adapters given, at least 4)")
+  p.add_argument("--max-lora-rank", type=_pos_int, default=None,
+                 help="the pool's padded rank, the most a loaded adapter may have (default: the "
+                      "largest given, at least 16)")
+  p.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int4", "int8"],
+                 help="quantize the base model while loading (QLoRA adapters)")
+  p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+  p.add_argument("--port", type=_pos_int, default=8000, help="default: 8000")
+  p.add_argument("--seed", type=int, default=0, help="seeds requests that give none")
+  p.add_argument("--log-level", default="info",
+                 choices=["critical", "error", "warning", "info", "debug"])
   sub.add_parser("methods", help="list the PEFT methods")
   return ap
 
 
 _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
-             "generate": cmd_generate, "methods": cmd_methods}
+             "generate": cmd_generate, "methods": cmd_methods, "serve": cmd_serve}
 
 
 class _Terminated(KeyboardInterrupt):

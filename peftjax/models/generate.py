@@ -22,11 +22,12 @@ from jax import lax
 from peftjax._src.additive import check_positive_int
 from peftjax._src.lift import lifted_apply
 from peftjax._src.nodes import is_node
-from peftjax.models.llama import LlamaForCausalLM, init_cache
+from peftjax.models.llama import KVCache, LlamaForCausalLM, init_cache
 
 Array = jax.Array
 
-__all__ = ["generate", "GenerateOutput", "sample_logits"]
+__all__ = ["generate", "GenerateOutput", "sample_logits", "init_slots", "prefill_slot", "decode_step",
+           "prompt_buckets"]
 
 
 class GenerateOutput(NamedTuple):
@@ -201,3 +202,195 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: Optional[Array] = 
                    max_new_tokens=int(max_new_tokens), greedy=greedy, nucleus=top_p < 1.0,
                    top_k=int(top_k), stop_tokens=stop_tokens, pad_token_id=int(pad_token_id),
                    cache_dtype=jnp.dtype(cache_dtype or model.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# slots: continuous batching (one row per request, each at its own length, with its own adapter)
+# ------------------------------------------------------------------------------------------------
+
+def init_slots(model: LlamaForCausalLM, slots: int, max_len: int, cache_dtype: Any = None):
+  """An empty KV cache of ``slots`` rows of ``max_len`` tokens, one index per row, for
+  :func:`prefill_slot` and :func:`decode_step`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from peftjax.models import LlamaConfig, LlamaForCausalLM
+  >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+  ...                                      num_layers=1, num_heads=2, num_kv_heads=1))
+  >>> params = model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"]
+  >>> cache = init_slots(model, slots=2, max_len=24)
+  >>> t0, cache = prefill_slot(model, params, cache, 0, [5, 6, 7])     # row 0: 3 tokens
+  >>> t1, cache = prefill_slot(model, params, cache, 1, [9])           # row 1: 1 token
+  >>> toks, cache = decode_step(model, params, cache, jnp.stack([t0, t1]), jnp.zeros(2),
+  ...                           jnp.ones(2, bool))
+  >>> cache.index.tolist()                                             # each row's length
+  [4, 2]
+  """
+  slots = check_positive_int(slots, "slots")
+  max_len = check_positive_int(max_len, "max_len")
+  return init_cache(model.config, slots, max_len, jnp.dtype(cache_dtype or model.dtype),
+                    per_row=True)
+
+
+def prompt_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+  """The padded prompt lengths :func:`prefill_slot` compiles for: powers of two from
+  ``smallest`` below ``max_len``, and ``max_len`` (so ``log2(max_len / smallest) + 1`` programs
+  at most).
+
+  >>> prompt_buckets(100)
+  (16, 32, 64, 100)
+  """
+  out, b = [], smallest
+  while b < max_len:
+    out.append(b)
+    b *= 2
+  return (*out, max_len)
+
+
+def _has_pool(params) -> bool:
+  from peftjax import multi
+  return any(multi._is_pool(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_node))
+
+
+def _routed(params, ids):
+  from peftjax import multi
+  return multi.route(params, ids) if _has_pool(params) else params
+
+
+def _sample_rows(logits, keys, temperature, top_p):
+  """One token per row: greedy where ``temperature[row] == 0``, else sampled with the row's own
+  key (``keys [rows]``) and nucleus ``top_p[row]``."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  hot = temperature > 0
+  one = lambda l, k, t, p: sample_logits(l[None], k, t, p)[0]
+  sampled = jax.vmap(one)(logits, keys, jnp.where(hot, temperature, 1.0), top_p)
+  return jnp.where(hot, sampled, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",), donate_argnames=("cache",))
+def _prefill_slot(params, cache, slot, tokens, length, adapter, temperature, top_p, key, *,
+                  apply_fn):
+  b = tokens.shape[1]
+  small = KVCache(jnp.zeros((cache.k.shape[0], 1, b, *cache.k.shape[3:]), cache.k.dtype),
+                  jnp.zeros((cache.v.shape[0], 1, b, *cache.v.shape[3:]), cache.v.dtype),
+                  jnp.zeros((), jnp.int32))
+  routed = _routed(params, adapter[None])
+  logits, small = apply_fn({"params": routed}, tokens, cache=small,
+                           logits_index=(length - 1)[None])
+  at = (0, slot, 0, 0, 0)
+  cache = KVCache(lax.dynamic_update_slice(cache.k, small.k, at),
+                  lax.dynamic_update_slice(cache.v, small.v, at), cache.index.at[slot].set(length))
+  tok = _sample_rows(logits[:, -1], key[None], temperature[None], top_p[None])
+  return tok[0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",), donate_argnames=("cache",))
+def _decode_step(params, cache, tokens, adapters, active, temperature, top_p, key, *, apply_fn):
+  routed = _routed(params, adapters)
+  logits, new = apply_fn({"params": routed}, tokens[:, None], cache=cache)
+  new = new._replace(index=jnp.where(active, new.index, cache.index))
+  return _sample_rows(logits[:, -1], key, temperature, top_p), new
+
+
+def _apply_fn(model, params, apply_fn):
+  if apply_fn is not None:
+    return apply_fn
+  if any(is_node(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_node)):
+    return lifted_apply(model)
+  return model.apply
+
+
+def prefill_slot(model: LlamaForCausalLM, params: Any, cache: KVCache, slot: int,
+                 prompt: Sequence[int], *, adapter: int = 0, temperature: float = 0.0,
+                 top_p: float = 1.0, key: Optional[Array] = None,
+                 buckets: Optional[Sequence[int]] = None,
+                 apply_fn: Optional[Callable] = None) -> tuple[Array, KVCache]:
+  """Runs one prompt into row ``slot`` of a slot cache (:func:`init_slots`) and samples its first
+  token; the other rows are untouched.
+
+  The prompt is padded on the right to the smallest of ``buckets`` (default
+  :func:`prompt_buckets`) that holds it, so one program serves every prompt length of a bucket;
+  the padding's keys sit after the prompt, where the causal mask hides them, and the next
+  :func:`decode_step` overwrites them. Row ``slot``'s index becomes ``len(prompt)``.
+
+  Args:
+    model: the decoder.
+    params: its parameters; with adapter pools (:func:`peftjax.multi.stack`) the row runs with
+      pool slot ``adapter`` (0: the base).
+    cache: the slot cache (consumed: its buffers are donated; use the returned one).
+    slot: the cache row.
+    prompt: token ids, ``1 <= len(prompt) < max_len``.
+    adapter: the pool slot of this request.
+    temperature, top_p: sampling of the first token (0: greedy); traced, no recompile.
+    key: PRNG key (needed when ``temperature > 0``).
+    buckets: the padded prompt lengths.
+    apply_fn: as for :func:`generate`.
+
+  Returns:
+    ``(first token (int32 scalar), cache)``.
+  """
+  n_slots, max_len = cache.k.shape[1], cache.k.shape[2]
+  if cache.index.shape != (n_slots,):
+    raise ValueError(f"prefill_slot needs a cache with one index per row (init_slots), got an "
+                     f"index of shape {tuple(cache.index.shape)}")
+  if not 0 <= slot < n_slots:
+    raise ValueError(f"slot must be in [0, {n_slots}), got {slot}")
+  n = len(prompt)
+  if not 1 <= n < max_len:
+    raise ValueError(f"a prompt needs 1 to {max_len - 1} tokens (the cache holds {max_len}), "
+                     f"got {n}")
+  buckets = sorted(prompt_buckets(max_len) if buckets is None else buckets)
+  b = next((x for x in buckets if n <= x <= max_len), None)
+  if b is None:
+    raise ValueError(f"no prompt bucket holds {n} tokens within max_len {max_len}: {buckets}")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(...)")
+  pad = model.config.pad_token_id or 0
+  tokens = jnp.asarray([list(prompt) + [pad] * (b - n)], jnp.int32)
+  return _prefill_slot(params, cache, jnp.int32(slot), tokens, jnp.int32(n), jnp.int32(adapter),
+                       jnp.float32(temperature), jnp.float32(top_p),
+                       jax.random.key(0) if key is None else key,
+                       apply_fn=_apply_fn(model, params, apply_fn))
+
+
+def decode_step(model: LlamaForCausalLM, params: Any, cache: KVCache, tokens: Array,
+                adapters: Array, active: Array, *, temperature: Any = 0.0, top_p: Any = 1.0,
+                key: Optional[Array] = None,
+                apply_fn: Optional[Callable] = None) -> tuple[Array, KVCache]:
+  """One decoding step for every row of a slot cache: each row feeds its last token at its own
+  position (its cache index) through its own adapter, and gets its next token.
+
+  Shapes are fixed by the cache (``slots`` rows), so every step of a server runs one compiled
+  program whatever requests come and go; adapters, tokens, sampling settings and the pool's
+  contents are data.
+
+  Args:
+    model: the decoder.
+    params: parameters, with adapter pools or without.
+    cache: the slot cache (consumed; use the returned one).
+    tokens: int32 ``[slots]``: each row's last token (written at its index).
+    adapters: int32 ``[slots]``: each row's pool slot (ignored without pools).
+    active: bool ``[slots]``: rows whose index advances (free rows compute, but stay put).
+    temperature, top_p: scalars or ``[slots]``; a row with temperature 0 is greedy.
+    key: PRNG key for the sampled rows, or one per row (a ``[slots]`` key array: a request's own
+      seed, folded with its token count, samples the same wherever and with whatever it is
+      batched).
+    apply_fn: as for :func:`generate`.
+
+  Returns:
+    ``(next tokens int32 [slots], cache)``.
+  """
+  s = cache.k.shape[1]
+  if cache.index.shape != (s,):
+    raise ValueError(f"decode_step needs a cache with one index per row (init_slots), got an "
+                     f"index of shape {tuple(cache.index.shape)}")
+  row = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (s,))
+  if key is None:
+    key = jax.random.key(0)
+  if key.shape == ():
+    key = jax.random.split(key, s)
+  elif key.shape != (s,):
+    raise ValueError(f"key must be one PRNG key or one per row ([{s}]), got shape {key.shape}")
+  return _decode_step(params, cache, row(tokens, jnp.int32), row(adapters, jnp.int32),
+                      row(active, bool), row(temperature, jnp.float32), row(top_p, jnp.float32),
+                      key,
+                      apply_fn=_apply_fn(model, params, apply_fn))

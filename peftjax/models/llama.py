@@ -202,7 +202,10 @@ class KVCache(NamedTuple):
   Attributes:
     k: ``[layers, batch, max_len, kv_heads, head_dim]``.
     v: ``[layers, batch, max_len, kv_heads, head_dim]``.
-    index: int32 scalar, the number of filled slots (the next token is written at ``index``).
+    index: int32 scalar, the number of filled slots (the next token is written at ``index``);
+      or int32 ``[batch]``, one per row (:func:`init_cache` with ``per_row=True``): every row
+      writes at its own index and its queries sit at their own positions, as continuous
+      batching needs (rows at different lengths decoded in one step).
   """
   k: Array
   v: Array
@@ -210,10 +213,29 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int,
-               dtype: Dtype = jnp.float32) -> KVCache:
-  """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens."""
+               dtype: Dtype = jnp.float32, *, per_row: bool = False) -> KVCache:
+  """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens.
+
+  ``per_row``: one index per row (``int32 [batch]``) instead of one for the whole batch.
+  """
   shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+  index = jnp.zeros((batch,) if per_row else (), jnp.int32)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), index)
+
+
+def _write(buf: Array, new: Array, index: Array, batch_axis: int) -> Array:
+  """``buf`` with ``new`` written along the axis after ``batch_axis`` from ``index`` (a scalar:
+  the same offset for every row; ``[batch]``: each row's own)."""
+  if index.ndim == 0:
+    at = [0] * buf.ndim
+    at[batch_axis + 1] = index
+    return lax.dynamic_update_slice(buf, new.astype(buf.dtype), tuple(at))
+
+  def row(b, n, i):
+    at = [0] * b.ndim
+    at[batch_axis] = i
+    return lax.dynamic_update_slice(b, n.astype(b.dtype), tuple(at))
+  return jax.vmap(row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buf, new, index)
 
 
 def _dense(features, use_bias, cfg, dtype, param_dtype, name):
@@ -263,9 +285,8 @@ class LlamaAttention(nn.Module):
     if cache_kv is not None:
       new_kv = (k, v)
       ck, cv = cache_kv
-      at = (0, cache_index, 0, 0)
-      k = lax.dynamic_update_slice(ck, k.astype(ck.dtype), at).astype(self.dtype)
-      v = lax.dynamic_update_slice(cv, v.astype(cv.dtype), at).astype(self.dtype)
+      k = _write(ck, k, cache_index, 0).astype(self.dtype)
+      v = _write(cv, v, cache_index, 0).astype(self.dtype)
     if prefix_kv is not None:
       k = jnp.concatenate([prefix_kv[0].astype(self.dtype), k], axis=1)
       v = jnp.concatenate([prefix_kv[1].astype(self.dtype), v], axis=1)
@@ -366,8 +387,8 @@ class LlamaForCausalLM(nn.Module):
       prefix: per-layer prefix keys/values ``[layers, 2, batch (or 1), n_prefix, kv_heads,
         head_dim]`` (``[:, 0]`` keys, ``[:, 1]`` values, used as given: no RoPE is applied to them);
         visible to every query.
-      cache: a :class:`KVCache`; the new keys/values are written at ``cache.index`` and the updated
-        cache is returned.
+      cache: a :class:`KVCache`; the new keys/values are written at ``cache.index`` (per row if it
+        is ``[batch]``) and the updated cache is returned.
       logits_index: int ``[batch]``: compute logits only at this position of each row
         (``[batch, 1, vocab]``), e.g. the last real token of a padded prompt.
       return_hidden: return the final normed hidden states ``[batch, seq, hidden]`` instead of
@@ -408,7 +429,10 @@ class LlamaForCausalLM(nn.Module):
         raise ValueError(f"with a cache, attention_mask must cover the cache: expected shape "
                          f"{(b, s)}, got {tuple(full_mask.shape)}")
       index = cache.index
-      q_slot = index + jnp.arange(t)
+      if index.ndim not in (0, 1) or (index.ndim == 1 and index.shape[0] != b):
+        raise ValueError(f"cache.index must be a scalar or one index per row ([{b}]), got shape "
+                         f"{tuple(index.shape)}")
+      q_slot = index[..., None] + jnp.arange(t)  # [t], or [b, t] with an index per row
     else:
       s = t
       full_mask = (jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask)
@@ -418,11 +442,16 @@ class LlamaForCausalLM(nn.Module):
       q_slot = jnp.arange(t)
     all_pos = common.positions_from_mask(full_mask)  # [b, s]
     if position_ids is None:
-      position_ids = lax.dynamic_slice_in_dim(all_pos, index, t, axis=1) if cache is not None \
-          else all_pos
+      if cache is None:
+        position_ids = all_pos
+      elif index.ndim == 0:
+        position_ids = lax.dynamic_slice_in_dim(all_pos, index, t, axis=1)
+      else:
+        position_ids = jnp.take_along_axis(all_pos, jnp.minimum(q_slot, s - 1), axis=1)
     k_slot = jnp.arange(s)
     valid = full_mask.astype(bool)
-    mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]  # [b, t, s]
+    q_slot = jnp.broadcast_to(q_slot, (b, t))
+    mask = (k_slot[None, None, :] <= q_slot[:, :, None]) & valid[:, None, :]  # [b, t, s]
     if cfg.sliding_window is not None:
       mask &= (position_ids[:, :, None] - all_pos[:, None, :]) < cfg.sliding_window
 
@@ -459,9 +488,7 @@ class LlamaForCausalLM(nn.Module):
     if cache is None:
       return out
     nk, nv = new_kv  # [layers, b, t, kvh, hd]
-    at = (0, 0, index, 0, 0)
-    cache = KVCache(lax.dynamic_update_slice(cache.k, nk.astype(cache.k.dtype), at),
-                    lax.dynamic_update_slice(cache.v, nv.astype(cache.v.dtype), at), index + t)
+    cache = KVCache(_write(cache.k, nk, index, 1), _write(cache.v, nv, index, 1), index + t)
     return out, cache
 
 
