@@ -1,0 +1,239 @@
+"""Multi-process training on JAX's distributed runtime, sharded QLoRA, checkpoints across hosts.
+
+Two processes on this machine (a loopback coordinator on a free port, gloo CPU collectives, 2
+CPU devices each) train LoRA and QLoRA under data parallelism and FSDP; their losses and final
+adapters must equal a single-process 4-device run and a 1-device run (f32, 1e-5). Checkpoints
+written by the 2 processes restore in 1 process bit-identically, and the reverse. The node
+sharding rules cover every registered node type, and QLoRA under FSDP on 8 devices really
+splits the packed codes.
+
+The workers are this file run as a script (``python tests/test_distributed.py MODE ...``); every
+subprocess has a timeout and is killed in a ``finally``.
+"""
+
+import json
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 150
+STEPS = 4
+CASES = [("lora", "dp"), ("lora", "fsdp"), ("qlora", "dp"), ("qlora", "fsdp")]
+
+
+# ------------------------------------------------------------------------------------------------
+# the model, the data and one training run (shared by the workers and the 1-device reference)
+# ------------------------------------------------------------------------------------------------
+
+def _model(p, ids):
+  """A small dict model: embed -> 2 residual MLP layers -> vocab."""
+  x = p["embed"]["embedding"][ids]
+  for name in ("layers_0", "layers_1"):
+    x = x + jnp.tanh(x @ p[name]["up_proj"]["kernel"]) @ p[name]["down_proj"]["kernel"]
+  return x @ p["lm_head"]["kernel"]
+
+
+def _base():
+  k = iter(jax.random.split(jax.random.key(0), 8))
+  n = lambda *shape: 0.3 * jax.random.normal(next(k), shape)
+  return {"embed": {"embedding": n(32, 16)}, "lm_head": {"kernel": n(16, 32)},
+          **{f"layers_{i}": {"up_proj": {"kernel": n(16, 32)}, "down_proj": {"kernel": n(32, 16)}}
+             for i in range(2)}}
+
+
+def _tuned(method: str):
+  import peftjax
+  kw = dict(rank=2, targets=r".*_proj/kernel", key=jax.random.key(1))
+  if method == "qlora":
+    return peftjax.qlora.apply(_base(), block_size=16, **kw)
+  return peftjax.lora.apply(_base(), **kw)
+
+
+def _loss():
+  import peftjax
+  fwd = peftjax.lift(_model)
+
+  def loss(tree, batch, key):
+    ids = batch["input_ids"]
+    logp = jax.nn.log_softmax(fwd(tree, ids)[:, :-1], axis=-1)
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean(), {}
+  return loss
+
+
+def _loader():
+  from peftjax import data as data_lib
+  tokens = np.random.default_rng(0).integers(0, 32, 600)
+  return data_lib.LMLoader(tokens, seq_len=8, batch_size=4, seed=3)
+
+
+def _train(method, mode, ckpt_dir=None):
+  from peftjax.train import TrainConfig, train
+  cfg = TrainConfig(steps=STEPS, learning_rate=1e-2, warmup_steps=1, progress=False, log_every=1,
+                    sharding=mode, checkpoint_dir=ckpt_dir, save_every=2)
+  return train(_loss(), _tuned(method), _loader(), cfg)
+
+
+def _adapter_leaves(tree) -> list:
+  import peftjax
+  from peftjax.train import distributed as dist
+  return dist.gather(jax.tree.leaves(peftjax.split(tree)[0]))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+              XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=false "
+                        f"--xla_force_host_platform_device_count={devices}")
+
+
+def _launch(argvs: list, devices: int, log_dir: pathlib.Path) -> list:
+  """Runs ``python this_file *argv`` for each argv at once and waits for all of them; after
+  TIMEOUT_S, or as soon as one fails, the rest are killed. Returns exit codes and log tails."""
+  procs, logs = [], []
+  try:
+    for i, argv in enumerate(argvs):
+      log = open(log_dir / f"worker{i}.log", "w")
+      logs.append(log)
+      procs.append(subprocess.Popen([sys.executable, __file__, *map(str, argv)], env=_env(devices),
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + TIMEOUT_S
+    # until all exit, one fails (the others would wait for it in a collective) or time is up
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs) and \
+        not any(p.poll() for p in procs):
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for log in logs:
+      log.close()
+  return [(p.returncode, (log_dir / f"worker{i}.log").read_text()[-3000:])
+          for i, p in enumerate(procs)]
+
+
+# ------------------------------------------------------------------------------------------------
+# workers
+# ------------------------------------------------------------------------------------------------
+
+def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, port: int):
+  """Trains every case (2 processes or 1 process of 4 devices), saves checkpoints and adapters;
+  with 2 processes also restores the 1-device run's adapters onto its FSDP mesh."""
+  from peftjax.train import distributed as dist
+  if nproc > 1:
+    assert dist.initialize(f"127.0.0.1:{port}", nproc, pid) == (pid, nproc)
+  import peftjax
+  from peftjax.io.checkpoint import restore_adapter, save_adapter
+  from peftjax.models.sharding import make_mesh, shard_params
+  assert jax.device_count() == 4 and jax.local_device_count() == 4 // nproc
+  result = {}
+  for method, mode in CASES:
+    name = f"{method}-{mode}"
+    res = _train(method, mode, str(out / f"ckpt-{name}"))
+    save_adapter(out / f"adapter-{name}", res.params)
+    leaves = _adapter_leaves(res.params)
+    entry = {"losses": [h["loss"] for h in res.history], "step": int(res.state.step)}
+    if method == "qlora" and mode == "fsdp":
+      codes = [x for x in jax.tree.leaves(res.params) if x.dtype == jnp.uint8 and x.ndim == 2]
+      entry["codes_shard_bytes"] = [sorted({s.data.nbytes for s in x.addressable_shards})
+                                    for x in codes]
+      entry["codes_bytes"] = [x.nbytes for x in codes]
+    if nproc > 1:
+      # the reverse direction: an adapter saved by the 1-device run, restored onto this mesh
+      template = shard_params(_tuned(method), make_mesh(fsdp=-1))
+      back = restore_adapter(ref / f"adapter-{name}", template)
+      entry["restored_specs"] = sorted({str(x.sharding.spec) for x in
+                                        jax.tree.leaves(peftjax.split(back)[0])})
+      np.savez(out / f"restored-{name}-{pid}.npz", *_adapter_leaves(back))
+    if dist.is_main():
+      np.savez(out / f"final-{name}.npz", *leaves)
+    result[name] = entry
+  dist.sync("done")
+  if dist.is_main():
+    (out / "result.json").write_text(json.dumps(result))
+
+
+def _npz(path) -> list:
+  with np.load(path) as f:
+    return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.standard_promotion  # optax's Adam steps an int32 count with float powers
+def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_counts(tmp_path):
+  from peftjax.io.checkpoint import restore_adapter, save_adapter
+  from peftjax.train.checkpoint import TrainCheckpointer
+  ref_dir, two, four = tmp_path / "ref", tmp_path / "two", tmp_path / "four"
+  for d in (ref_dir, two, four):
+    d.mkdir()
+  # the 1-device reference, in this process
+  assert jax.device_count() == 1
+  ref = {}
+  for method, mode in CASES:
+    res = _train(method, mode)
+    save_adapter(ref_dir / f"adapter-{method}-{mode}", res.params)
+    ref[f"{method}-{mode}"] = ([h["loss"] for h in res.history], _adapter_leaves(res.params))
+  port = _free_port()
+  runs = _launch([["train", two, ref_dir, 0, 2, port], ["train", two, ref_dir, 1, 2, port]],
+                 devices=2, log_dir=two)
+  runs += _launch([["train", four, ref_dir, 0, 1, 0]], devices=4, log_dir=four)
+  for i, (rc, tail) in enumerate(runs):
+    assert rc == 0, f"worker {i}:\n{tail}"
+  out2 = json.loads((two / "result.json").read_text())
+  out4 = json.loads((four / "result.json").read_text())
+  for method, mode in CASES:
+    name = f"{method}-{mode}"
+    losses, leaves = ref[name]
+    assert len(losses) == STEPS and out2[name]["step"] == STEPS
+    np.testing.assert_allclose(out2[name]["losses"], losses, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(out4[name]["losses"], losses, rtol=1e-5, err_msg=name)
+    final2 = _npz(two / f"final-{name}.npz")
+    final4 = _npz(four / f"final-{name}.npz")
+    assert len(final2) == len(leaves) > 0
+    for a, b, c in zip(final2, final4, leaves):
+      np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6, err_msg=name)
+      np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6, err_msg=name)
+    # saved by 2 processes, restored in 1: bit-identical to what the processes held
+    tuned = _tuned(method)
+    back = _adapter_leaves(restore_adapter(two / f"adapter-{name}", tuned))
+    assert all(np.array_equal(x, y) for x, y in zip(back, final2)), name
+    with TrainCheckpointer(two / f"ckpt-{name}") as ckpt:
+      assert ckpt.all_steps() == [2, 4]
+      state = ckpt.restore(tuned)
+    assert state.step == STEPS and state.data_position == {"loader": {"epoch": 0, "index": 4}}
+    assert all(np.array_equal(x, y) for x, y in zip(_adapter_leaves(state.params), final2))
+    # saved by 1 process, restored by 2 onto an FSDP mesh: bit-identical on both
+    for pid in (0, 1):
+      got = _npz(two / f"restored-{name}-{pid}.npz")
+      assert all(np.array_equal(x, y) for x, y in zip(got, leaves)), (name, pid)
+    assert any("fsdp" in s for s in out2[name]["restored_specs"]), out2[name]
+  # QLoRA under FSDP: every packed-code array is split over the 4 devices of the 2 processes
+  q = out2["qlora-fsdp"]
+  assert q["codes_bytes"] and all(s == [b // 4] for s, b in zip(q["codes_shard_bytes"],
+                                                                 q["codes_bytes"])), q
+
+
+if __name__ == "__main__":
+  mode, args = sys.argv[1], sys.argv[2:]
+  if mode == "train":
+    _worker_train(pathlib.Path(args[0]), pathlib.Path(args[1]), *map(int, args[2:5]))
+  else:
+    raise SystemExit(f"unknown mode {mode!r}")
