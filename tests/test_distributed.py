@@ -11,6 +11,7 @@ The workers are this file run as a script (``python tests/test_distributed.py MO
 subprocess has a timeout and is killed in a ``finally``.
 """
 
+import functools
 import json
 import math
 import os
@@ -59,7 +60,9 @@ def _tuned(method: str):
   return peftjax.lora.apply(_base(), **kw)
 
 
+@functools.lru_cache(maxsize=None)
 def _loss():
+  """One loss function for every run, so that the trainer reuses its compiled step."""
   import peftjax
   fwd = peftjax.lift(_model)
 
@@ -142,10 +145,16 @@ def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, po
   from peftjax.models.sharding import make_mesh, shard_params
   assert jax.device_count() == 4 and jax.local_device_count() == 4 // nproc
   result = {}
-  for method, mode in CASES:
+  # one process of 4 devices: FSDP only (its dp runs equal 1 device in test_train)
+  for method, mode in CASES if nproc > 1 else [c for c in CASES if c[1] == "fsdp"]:
     name = f"{method}-{mode}"
-    res = _train(method, mode, str(out / f"ckpt-{name}"))
-    save_adapter(out / f"adapter-{name}", res.params)
+    # training checkpoints: written by the FSDP runs of the 2 processes (sharded state)
+    ckpt = str(out / f"ckpt-{name}") if nproc > 1 and mode == "fsdp" else None
+    t0 = time.process_time()
+    res = _train(method, mode, ckpt)
+    print(f"{name}: trained in {time.process_time() - t0:.1f}s CPU", file=sys.stderr, flush=True)
+    if nproc > 1:
+      save_adapter(out / f"adapter-{name}", res.params)
     leaves = _adapter_leaves(res.params)
     entry = {"losses": [h["loss"] for h in res.history], "step": int(res.state.step)}
     if method == "qlora" and mode == "fsdp":
@@ -153,7 +162,7 @@ def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, po
       entry["codes_shard_bytes"] = [sorted({s.data.nbytes for s in x.addressable_shards})
                                     for x in codes]
       entry["codes_bytes"] = [x.nbytes for x in codes]
-    if nproc > 1:
+    if nproc > 1 and mode == "fsdp":
       # the reverse direction: an adapter saved by the 1-device run, restored onto this mesh
       template = shard_params(_tuned(method), make_mesh(fsdp=-1))
       back = restore_adapter(ref / f"adapter-{name}", template)
@@ -163,6 +172,7 @@ def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, po
     if dist.is_main():
       np.savez(out / f"final-{name}.npz", *leaves)
     result[name] = entry
+    print(f"{name}: done at {time.process_time():.1f}s CPU", file=sys.stderr, flush=True)
   dist.sync("done")
   if dist.is_main():
     (out / "result.json").write_text(json.dumps(result))
@@ -184,13 +194,14 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
   ref_dir, two, four = tmp_path / "ref", tmp_path / "two", tmp_path / "four"
   for d in (ref_dir, two, four):
     d.mkdir()
-  # the 1-device reference, in this process
+  # the 1-device reference, in this process (dp and fsdp are the same run on one device)
   assert jax.device_count() == 1
   ref = {}
-  for method, mode in CASES:
-    res = _train(method, mode)
-    save_adapter(ref_dir / f"adapter-{method}-{mode}", res.params)
-    ref[f"{method}-{mode}"] = ([h["loss"] for h in res.history], _adapter_leaves(res.params))
+  for method in ("lora", "qlora"):
+    res = _train(method, None)
+    save_adapter(ref_dir / f"adapter-{method}-fsdp", res.params)
+    for mode in ("dp", "fsdp"):
+      ref[f"{method}-{mode}"] = ([h["loss"] for h in res.history], _adapter_leaves(res.params))
   port = _free_port()
   runs = _launch([["train", two, ref_dir, 0, 2, port], ["train", two, ref_dir, 1, 2, port]],
                  devices=2, log_dir=two)
@@ -202,19 +213,22 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
   for method, mode in CASES:
     name = f"{method}-{mode}"
     losses, leaves = ref[name]
-    assert len(losses) == STEPS and out2[name]["step"] == STEPS
+    assert len(losses) == STEPS and out2[name]["step"] == STEPS and losses[-1] < losses[0]
     np.testing.assert_allclose(out2[name]["losses"], losses, rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(out4[name]["losses"], losses, rtol=1e-5, err_msg=name)
     final2 = _npz(two / f"final-{name}.npz")
-    final4 = _npz(four / f"final-{name}.npz")
     assert len(final2) == len(leaves) > 0
-    for a, b, c in zip(final2, final4, leaves):
+    for a, c in zip(final2, leaves):
       np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6, err_msg=name)
-      np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6, err_msg=name)
+    if mode == "fsdp":
+      np.testing.assert_allclose(out4[name]["losses"], losses, rtol=1e-5, err_msg=name)
+      for b, c in zip(_npz(four / f"final-{name}.npz"), leaves):
+        np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6, err_msg=name)
     # saved by 2 processes, restored in 1: bit-identical to what the processes held
     tuned = _tuned(method)
     back = _adapter_leaves(restore_adapter(two / f"adapter-{name}", tuned))
     assert all(np.array_equal(x, y) for x, y in zip(back, final2)), name
+    if mode != "fsdp":
+      continue
     with TrainCheckpointer(two / f"ckpt-{name}") as ckpt:
       assert ckpt.all_steps() == [2, 4]
       state = ckpt.restore(tuned)
@@ -229,6 +243,120 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
   q = out2["qlora-fsdp"]
   assert q["codes_bytes"] and all(s == [b // 4] for s, b in zip(q["codes_shard_bytes"],
                                                                  q["codes_bytes"])), q
+
+
+# ------------------------------------------------------------------------------------------------
+# sharding rules: every node type, and QLoRA's packed codes on 8 devices
+# ------------------------------------------------------------------------------------------------
+
+def _spec_axes(spec) -> list:
+  return [tuple(() if e is None else (e,) if isinstance(e, str) else e) for e in spec]
+
+
+def _check_spec(spec, shape, mesh_shape, where):
+  from jax.sharding import PartitionSpec as P
+  assert isinstance(spec, P), (where, spec)
+  axes = _spec_axes(spec)
+  assert len(axes) <= len(shape), (where, spec, shape)
+  used = [a for e in axes for a in e]
+  assert len(used) == len(set(used)), (where, spec)
+  for e, dim in zip(axes, shape):
+    assert dim % math.prod(mesh_shape[a] for a in e) == 0, (where, spec, shape)
+
+
+def test_every_registered_node_type_gets_a_spec():
+  """Each peftjax node type has a declared rule, and its example (and layer-stacked example) gets
+  a valid PartitionSpec for every array, the kernel-shaped ones the kernel's own."""
+  import peftjax
+  from jax.sharding import PartitionSpec as P
+  from peftjax._src.nodes import is_node, node_types
+  from peftjax.models.sharding import NODE_RULES, param_specs
+  from test_node_contract import EXAMPLES
+  mesh_shape = {"data": 1, "fsdp": 2, "tensor": 2}
+  types = {t for t, c in node_types().items() if c.__module__.startswith("peftjax.")}
+  assert types <= set(NODE_RULES), sorted(types - set(NODE_RULES))
+  assert types <= set(EXAMPLES)
+  for tid in sorted(types):
+    single, stacked = EXAMPLES[tid]()
+    for node, tree in ((single, {"mlp": {"up_proj": {"kernel": single}}}),
+                       (stacked, {"layers": {"mlp": {"up_proj": {"kernel": stacked}}}})):
+      if node is None:
+        continue
+      specs = param_specs(tree, mesh_shape)
+      spec_node = jax.tree.leaves(specs, is_leaf=is_node)[0]
+      assert type(spec_node) is type(node)
+      kernel_spec = param_specs({"k": {"mlp": {"up_proj": {"kernel": jnp.zeros(node.shape)}}}},
+                                mesh_shape)["k"]["mlp"]["up_proj"]["kernel"]
+      pairs = zip(jax.tree.leaves(node), jax.tree.leaves(spec_node, is_leaf=lambda x: isinstance(
+          x, jax.sharding.PartitionSpec)))
+      n = 0
+      for x, spec in pairs:
+        _check_spec(spec, x.shape, mesh_shape, tid)
+        if tuple(x.shape) == tuple(node.shape) and len(node.shape) in (2, 3) and \
+            node.shape[-1] == node.shape[-2] and tid not in ("prefix", "prefix_mlp"):
+          assert spec == kernel_spec, (tid, spec, kernel_spec)
+        n += 1
+      assert n == len(jax.tree.leaves(node)) > 0, tid
+  # a few that must follow the kernel [embed -> fsdp, mlp -> tensor]
+  lora = param_specs({"mlp": {"up_proj": {"kernel": EXAMPLES["lora"]()[0]}}},
+                     mesh_shape)["mlp"]["up_proj"]["kernel"]
+  assert (lora.w, lora.a, lora.b) == (P("fsdp", "tensor"), P("fsdp"), P(None, "tensor"))
+  q = peftjax.qlora.apply({"mlp": {"up_proj": {"kernel": jnp.ones((256, 128))}}}, rank=2,
+                          targets=["up_proj"], block_size=64)
+  qs = param_specs(q, mesh_shape)["mlp"]["up_proj"]["kernel"].w
+  assert qs.codes == P("tensor", "fsdp") and qs.qscales == P("tensor")  # stored [out, in/2]
+  # 4 blocks per row cannot split 8 ways: the rows do
+  assert param_specs(q, {"fsdp": 8})["mlp"]["up_proj"]["kernel"].w.codes in (P("fsdp"),
+                                                                            P("fsdp", None))
+
+
+_QLORA_FSDP = """
+import json, jax, jax.numpy as jnp, numpy as np, peftjax
+from peftjax.models.sharding import make_mesh, shard_params
+assert jax.device_count() == 8
+mesh = make_mesh(fsdp=-1)
+k = iter(jax.random.split(jax.random.key(0), 8))
+n = lambda *s: 0.1 * jax.random.normal(next(k), s)
+base = {"layers": {"self_attn": {"q_proj": {"kernel": n(2, 64, 64)}},
+                   "mlp": {"up_proj": {"kernel": n(2, 64, 128)},
+                           "down_proj": {"kernel": n(2, 128, 64)}}}}
+tuned = peftjax.qlora.apply(base, rank=4, block_size=64, key=jax.random.key(1),
+                            targets=r".*_proj/kernel")
+sharded = shard_params(tuned, mesh)
+out = {"codes": []}
+for x in jax.tree.leaves(sharded):
+  if x.dtype == jnp.uint8 and x.ndim == 3:   # packed codes [layers, out, in/2]
+    out["codes"].append([x.nbytes, sorted({s.data.nbytes for s in x.addressable_shards}),
+                         len(x.addressable_shards)])
+x = jax.random.normal(jax.random.key(2), (8, 64))
+fwd = peftjax.lift(lambda p, x: jnp.tanh(x @ p["layers"]["self_attn"]["q_proj"]["kernel"][0])
+                   @ p["layers"]["mlp"]["up_proj"]["kernel"][1])
+def loss(t, tree):
+  return jnp.sum(fwd(peftjax.combine(t, tree), x) ** 2)
+t0, f0 = peftjax.split(tuned)
+t1, f1 = peftjax.split(sharded)
+l0, g0 = jax.jit(jax.value_and_grad(loss))(t0, f0)
+with jax.set_mesh(mesh):
+  l1, g1 = jax.jit(jax.value_and_grad(loss))(t1, f1)
+out["loss"] = [float(l0), float(l1)]
+out["grad"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                  zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+out["gmax"] = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(g0))
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.standard_promotion
+def test_qlora_under_fsdp_shards_the_packed_codes_on_8_devices():
+  proc = subprocess.run([sys.executable, "-c", _QLORA_FSDP], env=_env(8), cwd=ROOT,
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert len(out["codes"]) == 3
+  for total, shard, count in out["codes"]:
+    assert count == 8 and shard == [total // 8], out["codes"]   # per device: 1/8 of the bytes
+  assert out["loss"][1] == pytest.approx(out["loss"][0], rel=1e-5)
+  assert out["gmax"] > 0 and out["grad"] < 1e-5 * max(1.0, out["gmax"])
 
 
 if __name__ == "__main__":
