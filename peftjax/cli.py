@@ -737,6 +737,13 @@ def _cmd_train(a, main: bool) -> dict:
   t0 = time.perf_counter()
   task = _load_task(run, eval_limit=a.eval_limit)
   run["labels"], run["eval_limit"] = task.labels, a.eval_limit
+  if dist.multi_process() and hasattr(task.train_loader, "process_count"):
+    # each process builds only its rows of every global batch
+    if run["batch_size"] % jax.process_count():
+      raise _UsageError(f"--batch-size {run['batch_size']} is not divisible by the "
+                        f"{jax.process_count()} processes")
+    task.train_loader.process_index = jax.process_index()
+    task.train_loader.process_count = jax.process_count()
   print(f"loaded {a.model} and {a.data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
   if out is not None and main:
     with _user_input():

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,10 +38,10 @@ CASES = [("lora", "dp"), ("lora", "fsdp"), ("qlora", "dp"), ("qlora", "fsdp")]
 # ------------------------------------------------------------------------------------------------
 
 def _model(p, ids):
-  """A small dict model: embed -> 2 residual MLP layers -> vocab."""
+  """A small dict model: embed -> 1 residual MLP layer -> vocab."""
   x = p["embed"]["embedding"][ids]
-  for name in ("layers_0", "layers_1"):
-    x = x + jnp.tanh(x @ p[name]["up_proj"]["kernel"]) @ p[name]["down_proj"]["kernel"]
+  mlp = p["layers_0"]
+  x = x + jnp.tanh(x @ mlp["up_proj"]["kernel"]) @ mlp["down_proj"]["kernel"]
   return x @ p["lm_head"]["kernel"]
 
 
@@ -49,7 +50,7 @@ def _base():
   n = lambda *shape: 0.3 * jax.random.normal(next(k), shape)
   return {"embed": {"embedding": n(32, 16)}, "lm_head": {"kernel": n(16, 32)},
           **{f"layers_{i}": {"up_proj": {"kernel": n(16, 32)}, "down_proj": {"kernel": n(32, 16)}}
-             for i in range(2)}}
+             for i in range(1)}}
 
 
 def _tuned(method: str):
@@ -73,17 +74,25 @@ def _loss():
   return loss
 
 
-def _loader():
+def _loader(local_rows: bool = False):
+  """The global batches (4 rows), or with ``local_rows`` only this process's rows of each."""
   from peftjax import data as data_lib
   tokens = np.random.default_rng(0).integers(0, 32, 600)
-  return data_lib.LMLoader(tokens, seq_len=8, batch_size=4, seed=3)
+  kw = dict(process_index=jax.process_index(), process_count=jax.process_count()) \
+      if local_rows else {}
+  return data_lib.LMLoader(tokens, seq_len=8, batch_size=4, seed=3, **kw)
 
 
-def _train(method, mode, ckpt_dir=None):
+def _train(method, mode, ckpt_dir=None, local_rows=False):
   from peftjax.train import TrainConfig, train
   cfg = TrainConfig(steps=STEPS, learning_rate=1e-2, warmup_steps=1, progress=False, log_every=1,
                     sharding=mode, checkpoint_dir=ckpt_dir, save_every=2)
-  return train(_loss(), _tuned(method), _loader(), cfg)
+  return train(_loss(), _tuned(method), _loader(local_rows), cfg)
+
+
+def train_resumed(method, ckpt_dir):
+  """``_train`` resuming from ``ckpt_dir`` (on this process's devices)."""
+  return _train(method, None, str(ckpt_dir))
 
 
 def _adapter_leaves(tree) -> list:
@@ -151,7 +160,8 @@ def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, po
     # training checkpoints: written by the FSDP runs of the 2 processes (sharded state)
     ckpt = str(out / f"ckpt-{name}") if nproc > 1 and mode == "fsdp" else None
     t0 = time.process_time()
-    res = _train(method, mode, ckpt)
+    # the dp runs' loaders build only their process's rows; the fsdp runs' whole batches
+    res = _train(method, mode, ckpt, local_rows=mode == "dp")
     print(f"{name}: trained in {time.process_time() - t0:.1f}s CPU", file=sys.stderr, flush=True)
     if nproc > 1:
       save_adapter(out / f"adapter-{name}", res.params)
@@ -234,15 +244,93 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
       state = ckpt.restore(tuned)
     assert state.step == STEPS and state.data_position == {"loader": {"epoch": 0, "index": 4}}
     assert all(np.array_equal(x, y) for x, y in zip(_adapter_leaves(state.params), final2))
+    # the trainer resumes the 2 processes' checkpoint in 1 process (here: at its last step)
+    res = train_resumed(method, two / f"ckpt-{name}")
+    assert res.start_step == STEPS
+    assert all(np.array_equal(x, y) for x, y in zip(_adapter_leaves(res.params), final2))
     # saved by 1 process, restored by 2 onto an FSDP mesh: bit-identical on both
     for pid in (0, 1):
       got = _npz(two / f"restored-{name}-{pid}.npz")
       assert all(np.array_equal(x, y) for x, y in zip(got, leaves)), (name, pid)
     assert any("fsdp" in s for s in out2[name]["restored_specs"]), out2[name]
+  # an interrupted save of step 6 (orbax's temporary directory, never renamed, half written)
+  ckpt_dir = two / "ckpt-lora-fsdp"
+  partial = ckpt_dir / "6.orbax-checkpoint-tmp-1764650000"
+  shutil.copytree(ckpt_dir / "4", partial)
+  for f in sorted(p for p in partial.rglob("*") if p.is_file())[::2]:
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+  with TrainCheckpointer(ckpt_dir) as ckpt:
+    assert ckpt.all_steps() == [2, 4]                       # the leftover is no checkpoint
+    state = ckpt.restore(_tuned("lora"))
+  assert all(np.array_equal(x, y) for x, y in
+             zip(_adapter_leaves(state.params), _npz(two / "final-lora-fsdp.npz")))
   # QLoRA under FSDP: every packed-code array is split over the 4 devices of the 2 processes
   q = out2["qlora-fsdp"]
   assert q["codes_bytes"] and all(s == [b // 4] for s, b in zip(q["codes_shard_bytes"],
                                                                  q["codes_bytes"])), q
+
+
+def test_loaders_build_only_their_process_rows():
+  from peftjax import data as data_lib
+  tokens = np.random.default_rng(0).integers(0, 32, 600)
+  ids = [list(range(1, 2 + i % 7)) for i in range(40)]
+  labels = [i % 2 for i in range(40)]
+  make = {"lm": lambda **kw: data_lib.LMLoader(tokens, seq_len=8, batch_size=4, seed=3, **kw),
+          "cls": lambda **kw: data_lib.ClassificationLoader(ids, labels, batch_size=4, seed=1,
+                                                            buckets=(4, 8), **kw)}
+  for kind, new in make.items():
+    whole, parts = new(), [new(process_index=i, process_count=2) for i in range(2)]
+    for _ in range(12):   # past an epoch's end
+      batch = next(whole)
+      rows = [next(p) for p in parts]
+      for k in batch:
+        np.testing.assert_array_equal(np.concatenate([r[k] for r in rows]), batch[k],
+                                      err_msg=kind)
+      assert all(p.state() == whole.state() for p in parts)
+    with pytest.raises(ValueError, match="batch_size 4 is not divisible by process_count 3"):
+      new(process_index=0, process_count=3)
+    with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), got 2"):
+      new(process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="process_count must be a positive integer, got 0"):
+      new(process_count=0)
+
+
+def test_one_process_helpers_and_errors(monkeypatch, tmp_path):
+  import peftjax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from peftjax.io.checkpoint import save_adapter
+  from peftjax.models.sharding import make_mesh, put_global
+  from peftjax.train import distributed as dist
+  batch = {"x": np.arange(12).reshape(6, 2)}
+  np.testing.assert_array_equal(dist.process_rows(batch, 1, 3)["x"], batch["x"][2:4])
+  assert dist.process_rows(batch) is batch                   # one process: the batch itself
+  with pytest.raises(ValueError, match="global batch size 6 is not divisible by the 4 processes"):
+    dist.process_rows(batch, 0, 4)
+  for k in dist.ENV.values():
+    monkeypatch.delenv(k, raising=False)
+  assert not dist.requested() and dist.requested(num_processes=2)
+  with pytest.raises(ValueError, match="num_processes must be a positive integer, got 0"):
+    dist.initialize("127.0.0.1:1", 0, 0)
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\), got 2"):
+    dist.initialize("127.0.0.1:1", 2, 2)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  assert dist.requested()
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
+    dist.initialize()
+  assert not jax.distributed.is_initialized()
+  # one process: put_global is device_put, replicate and sync change nothing, gather copies
+  mesh = make_mesh(fsdp=-1)
+  tree = {"w": jnp.ones((4, 2)), "key": jax.random.key(3)}
+  put = put_global(tree, NamedSharding(mesh, P()))
+  assert put["w"].sharding == NamedSharding(mesh, P()) and dist.replicate(tree) is tree
+  dist.sync("nothing")
+  np.testing.assert_array_equal(dist.gather(put)["key"], jax.random.key_data(tree["key"]))
+  # never an empty adapter leaf (a [0]-shaped shard saved in place of a whole array)
+  tuned = peftjax.lora.apply({"d": {"kernel": jnp.ones((8, 8))}}, rank=2)
+  node = tuned["d"]["kernel"]
+  with pytest.raises(ValueError, match=r"adapter leaf d/kernel/a has shape \[8, 0\]"):
+    save_adapter(tmp_path / "a", {"d": {"kernel": node.replace(a=jnp.zeros((8, 0)))}})
+  assert not (tmp_path / "a").exists()
 
 
 # ------------------------------------------------------------------------------------------------
