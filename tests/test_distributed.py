@@ -113,9 +113,10 @@ def _env(devices: int) -> dict:
                         f"--xla_force_host_platform_device_count={devices}")
 
 
-def _launch(argvs: list, devices: int, log_dir: pathlib.Path) -> list:
+def _launch(argvs: list, devices: int, log_dir: pathlib.Path, kill_when=None) -> list:
   """Runs ``python this_file *argv`` for each argv at once and waits for all of them; after
-  TIMEOUT_S, or as soon as one fails, the rest are killed. Returns exit codes and log tails."""
+  TIMEOUT_S, or as soon as one fails, the rest are killed; with ``kill_when`` (a path), all are
+  killed (SIGKILL) 0.1-0.3 s after that file appears. Returns exit codes and log tails."""
   procs, logs = [], []
   try:
     for i, argv in enumerate(argvs):
@@ -127,7 +128,10 @@ def _launch(argvs: list, devices: int, log_dir: pathlib.Path) -> list:
     # until all exit, one fails (the others would wait for it in a collective) or time is up
     while time.monotonic() < deadline and any(p.poll() is None for p in procs) and \
         not any(p.poll() for p in procs):
-      time.sleep(0.2)
+      if kill_when is not None and kill_when.exists():
+        time.sleep(0.1 + 0.2 * np.random.default_rng().random())
+        break
+      time.sleep(0.05 if kill_when is not None else 0.2)
   finally:
     for p in procs:
       if p.poll() is None:
@@ -182,10 +186,32 @@ def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, po
     if dist.is_main():
       np.savez(out / f"final-{name}.npz", *leaves)
     result[name] = entry
+    if name == "lora-fsdp":
+      kept = res
     print(f"{name}: done at {time.process_time():.1f}s CPU", file=sys.stderr, flush=True)
   dist.sync("done")
   if dist.is_main():
     (out / "result.json").write_text(json.dumps(result))
+  if nproc > 1:
+    _save_until_killed(out, kept)
+
+
+def _save_until_killed(out: pathlib.Path, res):
+  """Both processes save checkpoints of ``res`` (steps 6, 8, ...) back to back into a copy of
+  the FSDP LoRA run's checkpoints; the test kills them (SIGKILL) while they do."""
+  import shutil
+  from peftjax.train import distributed as dist
+  from peftjax.train.checkpoint import TrainCheckpointer
+  kill_dir = out / "ckpt-kill"
+  if dist.is_main():
+    shutil.copytree(out / "ckpt-lora-fsdp", kill_dir)
+  dist.sync("copied")
+  with TrainCheckpointer(kill_dir, max_to_keep=None) as ckpt:
+    for step in range(6, 400, 2):   # bounded: the test kills long before
+      ckpt.save(step, res.params, res.state.opt_state, rng=res.state.key,
+                data_position={"loader": {"epoch": 0, "index": step}})
+      if step == 8 and dist.is_main():
+        (out / "saving").write_text("")
 
 
 def _npz(path) -> list:
@@ -213,9 +239,11 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
     for mode in ("dp", "fsdp"):
       ref[f"{method}-{mode}"] = ([h["loss"] for h in res.history], _adapter_leaves(res.params))
   port = _free_port()
+  # the 2 processes are killed while they save checkpoints after their results are written
   runs = _launch([["train", two, ref_dir, 0, 2, port], ["train", two, ref_dir, 1, 2, port]],
-                 devices=2, log_dir=two)
-  runs += _launch([["train", four, ref_dir, 0, 1, 0]], devices=4, log_dir=four)
+                 devices=2, log_dir=two, kill_when=two / "saving")
+  assert (two / "result.json").exists(), "\n".join(tail for _, tail in runs)
+  runs = _launch([["train", four, ref_dir, 0, 1, 0]], devices=4, log_dir=four)
   for i, (rc, tail) in enumerate(runs):
     assert rc == 0, f"worker {i}:\n{tail}"
   out2 = json.loads((two / "result.json").read_text())
@@ -264,6 +292,17 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
     state = ckpt.restore(_tuned("lora"))
   assert all(np.array_equal(x, y) for x, y in
              zip(_adapter_leaves(state.params), _npz(two / "final-lora-fsdp.npz")))
+  # both processes killed (SIGKILL) during their saves: the newest committed step restores
+  left = sorted(p.name for p in (two / "ckpt-kill").iterdir() if not p.name.isdigit())
+  with TrainCheckpointer(two / "ckpt-kill") as ckpt:
+    steps = ckpt.all_steps()
+    # step 6 was committed before the save of 8 began (orbax finishes one save before the next)
+    assert steps[:3] == [2, 4, 6], steps
+    state = ckpt.restore(_tuned("lora"))
+  assert state.step == steps[-1] and state.data_position["loader"]["index"] == steps[-1]
+  assert all(np.array_equal(x, y) for x, y in
+             zip(_adapter_leaves(state.params), _npz(two / "final-lora-fsdp.npz")))
+  print("killed during saves; committed steps", steps, "left behind", left)
   # QLoRA under FSDP: every packed-code array is split over the 4 devices of the 2 processes
   q = out2["qlora-fsdp"]
   assert q["codes_bytes"] and all(s == [b // 4] for s, b in zip(q["codes_shard_bytes"],
