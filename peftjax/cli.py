@@ -238,6 +238,14 @@ def _add_train_args(p):
                  help="over all visible devices: data parallel (dp) or FSDP parameters "
                       "(default: dp)")
   p.add_argument("--no-baseline", action="store_true", help="skip the head-only baseline")
+  g = p.add_argument_group("several processes (docs/distributed.md); default: the environment "
+                           "(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="process 0's address, the same in every process; 'auto': JAX detects "
+                      "the cluster (TPU pod slice, SLURM, Open MPI, Kubernetes)")
+  g.add_argument("--num-processes", type=_pos_int, default=None, help="processes in the run")
+  g.add_argument("--process-id", type=_nonneg_int, default=None,
+                 help="this process's index, 0 .. N-1")
   _add_method_options(p)
 
 
@@ -696,8 +704,31 @@ def _train_method(method, run: dict, task, mtask, tuned, cfg):
   return res
 
 
+def _start_processes(a) -> bool:
+  """Starts JAX's distributed runtime when flags or the environment ask for several processes;
+  returns whether this is process 0 (the one that writes run files and prints)."""
+  from peftjax.train import distributed as dist
+  if not dist.requested(a.coordinator, a.num_processes, a.process_id):
+    return True
+  try:
+    dist.initialize(a.coordinator, a.num_processes, a.process_id)
+  except ValueError as e:
+    raise _UsageError(str(e)) from None
+  return dist.is_main()
+
+
 def cmd_train(a) -> dict:
+  import contextlib
+  if _start_processes(a):
+    return _cmd_train(a, True)
+  with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
+      contextlib.redirect_stderr(null):  # only process 0 prints
+    return _cmd_train(a, False)
+
+
+def _cmd_train(a, main: bool) -> dict:
   from peftjax.train import TrainInterrupted
+  from peftjax.train import distributed as dist
   run = _run_record(a)
   method = _method(run)
   lr = a.lr = a.lr or method.default_learning_rate(run["options"])  # results.json: the rate used
@@ -706,14 +737,23 @@ def cmd_train(a) -> dict:
   if run["batch_size"] % a.grad_accum:
     raise _UsageError(f"--batch-size {run['batch_size']} is not divisible by --grad-accum "
                      f"{a.grad_accum}")
-  out = _train_out(a, run)
+  # several processes: process 0 checks (and may clear) --out, on a filesystem they all share
+  out = _train_out(a, run) if main else (Path(a.out) if a.out else None)
+  dist.sync("peftjax_train_out")
   ckpt_dir = out / CHECKPOINT_DIR if out is not None else None
   lm = run["kind"] == "lm"
   t0 = time.perf_counter()
   task = _load_task(run, eval_limit=a.eval_limit)
   run["labels"], run["eval_limit"] = task.labels, a.eval_limit
+  if dist.multi_process() and hasattr(task.train_loader, "process_count"):
+    # each process builds only its rows of every global batch
+    if run["batch_size"] % jax.process_count():
+      raise _UsageError(f"--batch-size {run['batch_size']} is not divisible by the "
+                        f"{jax.process_count()} processes")
+    task.train_loader.process_index = jax.process_index()
+    task.train_loader.process_count = jax.process_count()
   print(f"loaded {a.model} and {a.data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-  if out is not None:
+  if out is not None and main:
     with _user_input():
       out.mkdir(parents=True, exist_ok=True)
       (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
@@ -733,7 +773,7 @@ def cmd_train(a) -> dict:
       rows = None
   if rows is None:
     rows = _baseline_rows(a, task, cfg, lm)
-    if baseline is not None:
+    if baseline is not None and main:
       baseline.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
   tuned, with_head = _tune(task.params, run, task.model, task.head_targets)
   if with_head and _trains_pooler(task):
@@ -752,11 +792,12 @@ def cmd_train(a) -> dict:
   print("\n" + table)
   if out is not None:
     from peftjax.io.checkpoint import save_adapter
-    with open(out / "results.md", "w") as f:
-      f.write(table + "\n")
-    with open(out / "results.json", "w") as f:
-      json.dump({"args": vars(a), "run": run, "rows": rows}, f, indent=2, default=str)
-    save_adapter(out / ADAPTER_DIR, res.params, force=True)
+    if main:
+      with open(out / "results.md", "w") as f:
+        f.write(table + "\n")
+      with open(out / "results.json", "w") as f:
+        json.dump({"args": vars(a), "run": run, "rows": rows}, f, indent=2, default=str)
+    save_adapter(out / ADAPTER_DIR, res.params, force=True)  # every process: its shards
     print(f"saved the adapter to {out / ADAPTER_DIR}", file=sys.stderr)
   return {"rows": rows, "result": res}
 

@@ -32,7 +32,7 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -293,12 +293,33 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
   return buckets[-1]
 
 
+def _check_process(batch_size: int, index: int, count: int) -> tuple[int, int]:
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise ValueError(f"process_count must be a positive integer, got {count!r}")
+  if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+    raise ValueError(f"process_index must be in [0, {count}), got {index!r}")
+  if batch_size % count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by process_count {count}")
+  return index, count
+
+
+def _rows(n: int, index: int, count: int) -> slice:
+  """Rows ``[index * n / count, (index + 1) * n / count)``: one process's part of a batch."""
+  k = n // count
+  return slice(index * k, (index + 1) * k)
+
+
 class ClassificationLoader:
   """Shuffled, length-bucketed batches of tokenized sentences; deterministic and resumable.
 
   Each epoch is a permutation of the examples (``seed`` + epoch); consecutive chunks of
   ``batch_size * 16`` examples are sorted by length and cut into batches (then the batches are
   shuffled), so padding is small and every batch pads to one of ``buckets``.
+
+  In a multi-process run, ``process_index``/``process_count`` make each process build only its
+  rows of every global batch of ``batch_size`` (the part ``process_index`` of ``process_count``
+  equal parts, padded as the whole batch); the position (:meth:`state`) stays the global one,
+  and :func:`peftjax.train.train` recognizes such a loader by its ``process_count``.
 
   Yields:
     dicts with ``input_ids`` and ``attention_mask`` int32 ``[batch, T]`` and ``labels`` ``[batch]``.
@@ -312,9 +333,12 @@ class ClassificationLoader:
 
   def __init__(self, token_ids: Sequence[Sequence[int]], labels, *, batch_size: int,
                buckets: Sequence[int] = (16, 32, 64, 128), pad_id: int = 0, seed: int = 0,
-               shuffle: bool = True, drop_last: bool = True):
+               shuffle: bool = True, drop_last: bool = True, process_index: int = 0,
+               process_count: int = 1):
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
+    self.process_index, self.process_count = _check_process(batch_size, process_index,
+                                                            process_count)
     if len(token_ids) != len(labels):
       raise ValueError(f"{len(token_ids)} examples but {len(labels)} labels")
     self.ids = [np.asarray(t[:buckets[-1]], np.int32) for t in token_ids]
@@ -356,8 +380,10 @@ class ClassificationLoader:
       batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
 
-  def _collate(self, idx) -> dict:
+  def _collate(self, idx, rows: Optional[slice] = None) -> dict:
     t = bucket_length(max(len(self.ids[i]) for i in idx), self.buckets)
+    if rows is not None:  # this process's rows, padded as the whole global batch is
+      idx = idx[rows]
     ids = np.full((len(idx), t), self.pad_id, np.int32)
     mask = np.zeros((len(idx), t), np.int32)
     for r, i in enumerate(idx):
@@ -384,7 +410,7 @@ class ClassificationLoader:
       while self.index < len(batches):
         idx = batches[self.index]
         self.index += 1
-        yield self._collate(idx)
+        yield self._collate(idx, _rows(len(idx), self.process_index, self.process_count))
       self.epoch, self.index = self.epoch + 1, 0
 
 
@@ -393,6 +419,8 @@ class LMLoader:
 
   The token stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (inputs and
   shifted targets share a window); windows are shuffled per epoch by ``seed``.
+  ``process_index``/``process_count``: only this process's rows of every global batch, as for
+  :class:`ClassificationLoader`.
 
   >>> loader = LMLoader(list(range(100)), seq_len=8, batch_size=2, seed=0)
   >>> next(iter(loader))["input_ids"].shape
@@ -400,7 +428,9 @@ class LMLoader:
   """
 
   def __init__(self, token_ids: Sequence[int], *, seq_len: int, batch_size: int, seed: int = 0,
-               shuffle: bool = True):
+               shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+    self.process_index, self.process_count = _check_process(batch_size, process_index,
+                                                            process_count)
     ids = np.asarray(token_ids, np.int32)
     n = len(ids) // (seq_len + 1)
     if n < batch_size:
@@ -443,5 +473,7 @@ class LMLoader:
       while self.index < nb:
         b = self.index
         self.index += 1
-        yield {"input_ids": self.windows[order[b * self.batch_size:(b + 1) * self.batch_size]]}
+        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        yield {"input_ids": self.windows[idx[_rows(len(idx), self.process_index,
+                                                   self.process_count)]]}
       self.epoch, self.index = self.epoch + 1, 0

@@ -423,7 +423,7 @@ def _abstract(want_specs: list, pairs: list, what: str, where: str, sharding=Non
     extra = [h[0] for h in have if h[0] not in wp]
     raise ValueError(f"{where}: the target has {what} leaves the checkpoint lacks: {extra[:5]}"
                      if extra else f"{where}: {what} leaves are in a different order")
-  default = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return [jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(x.dtype),
                                sharding=x.sharding if isinstance(x, jax.Array) else default)
           for _, x in pairs]
@@ -448,6 +448,29 @@ def _fill(template, restored: dict):
 def _adapter_arrays(tuned) -> dict:
   trainable, extra = _parts(tuned)
   return {"trainable": [x for _, x in trainable], "frozen": [x for _, x in extra]}
+
+
+def _global_adapter(tuned, manifest: dict, where: str) -> dict:
+  """The adapter's arrays to write, checked whole: no leaf may be empty where the tree has
+  data (a partitioned parameter saved as a ``[0]`` shard is a known failure elsewhere), and in a
+  multi-process run every process must hold the same adapter layout (checked across processes)
+  and arrays not already global are replicated over all devices, so that orbax writes one
+  complete copy from the processes together."""
+  arrays = _adapter_arrays(tuned)
+  for spec, x in zip(manifest["leaves"] + manifest["frozen_leaves"],
+                     arrays["trainable"] + arrays["frozen"]):
+    if 0 in tuple(x.shape):
+      raise ValueError(f"{where}: adapter leaf {spec['path']} has shape {list(x.shape)}: nothing "
+                       f"to save (an empty shard?)")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    from peftjax.train import distributed as dist
+    layout = hashlib.sha256(json.dumps([manifest["leaves"], manifest["frozen_leaves"]],
+                                       sort_keys=True).encode()).digest()
+    multihost_utils.assert_equal(np.frombuffer(layout, np.uint8),
+                                 f"{where}: the processes hold different adapters")
+    arrays = dist.replicate(arrays)
+  return arrays
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,9 +517,10 @@ def save_adapter(path: str | os.PathLike, tuned, *, name: Optional[str] = None,
     raise ValueError("the tree has no trainable leaves (apply a PEFT method first)")
   if directory.exists() and not force:
     raise ValueError(f"{directory} exists; pass force=True to overwrite it")
+  arrays = _global_adapter(tuned, manifest, str(directory))
   with _checkpointer() as ckptr:
     ckptr.save(directory.absolute(), args=ocp.args.Composite(
-        adapter=ocp.args.StandardSave(_adapter_arrays(tuned)),
+        adapter=ocp.args.StandardSave(arrays),
         manifest=ocp.args.JsonSave(manifest)), force=force)
   return directory
 

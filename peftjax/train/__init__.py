@@ -39,9 +39,12 @@ import numpy as np
 import optax
 
 from peftjax._src.partition import combine, optimizer, split
+from peftjax.train import distributed as dist
 
 __all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainInterrupted", "make_optimizer",
-           "make_train_step", "train", "evaluate"]
+           "make_train_step", "train", "evaluate", "distributed"]
+
+distributed = dist
 
 
 @dataclasses.dataclass
@@ -235,18 +238,20 @@ def _placement(mode: Optional[str]) -> Optional[_Placement]:
 
 
 def _place_params(tree, placement: Optional[_Placement]):
+  from peftjax.models.sharding import put_global
   if placement is None:
     return tree
   if placement.fsdp:
     from peftjax.models.sharding import shard_params
     return shard_params(tree, placement.mesh)
   from jax.sharding import NamedSharding, PartitionSpec as P
-  return jax.device_put(tree, NamedSharding(placement.mesh, P()))
+  return put_global(tree, NamedSharding(placement.mesh, P()))
 
 
 def _like(tree, template):
   """``tree``'s arrays placed as ``template``'s (same structure)."""
-  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if isinstance(t, jax.Array)
+  from peftjax.models.sharding import put_global
+  return jax.tree.map(lambda x, t: put_global(x, t.sharding) if isinstance(t, jax.Array)
                       else x, tree, template)
 
 
@@ -255,14 +260,26 @@ def _data_sharding():
   return None if p is None else p.batch
 
 
-def _put_batch(batch, sharding):
+def _local_rows(data) -> bool:
+  """Whether ``data`` yields this process's rows of each global batch (it says so with a
+  ``process_count`` equal to the number of processes) rather than whole global batches."""
+  return dist.multi_process() and getattr(data, "process_count", 1) == jax.process_count()
+
+
+def _put_batch(batch, sharding, local_rows: bool = False):
+  """The batch on the mesh; in a multi-process run each process contributes its rows (taken
+  from the global batch unless ``local_rows``)."""
   if sharding is None:
     return jax.tree.map(jnp.asarray, batch)
   n = sharding.mesh.size
+  procs = jax.process_count()
+  if procs > 1 and not local_rows:
+    batch = dist.process_rows(batch)
   for x in jax.tree.leaves(batch):
-    if np.shape(x)[0] % n:
-      raise ValueError(f"batch size {np.shape(x)[0]} is not divisible by the {n} devices")
-  return jax.device_put(batch, sharding)
+    size = np.shape(x)[0] * (procs if procs > 1 else 1)
+    if size % n:
+      raise ValueError(f"batch size {size} is not divisible by the {n} devices")
+  return dist.global_batch(batch, sharding)
 
 
 def _tensorboard(out_dir: str):
@@ -325,12 +342,16 @@ def evaluate(metric_fn: Callable, params, batches: Iterable[dict], *,
   """
   fn = jax.jit(metric_fn)
   sums: dict = {}
-  if label is not None:
+  mesh = dist._global_mesh(params) if dist.multi_process() else None
+  if label is not None and dist.is_main():
     from tqdm.auto import tqdm
     batches = tqdm(batches, desc=label, unit="batch", dynamic_ncols=True, file=sys.stderr,
                    leave=False, total=len(batches) if hasattr(batches, "__len__") else None)
   for batch in batches:
-    for k, (s, c) in fn(params, jax.tree.map(jnp.asarray, batch)).items():
+    # several processes: every process evaluates the whole batch (replicated over the mesh)
+    batch = (dist.replicate(jax.tree.map(np.asarray, batch), mesh) if mesh is not None else
+             jax.tree.map(jnp.asarray, batch))
+    for k, (s, c) in fn(params, batch).items():
       ps, pc = sums.get(k, (0.0, 0.0))
       sums[k] = (ps + float(s), pc + float(c))
   return {k: s / c for k, (s, c) in sums.items() if c}
@@ -372,6 +393,15 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
   With ``config.handle_signals`` (main thread), SIGINT/SIGTERM finish the current step, write a
   checkpoint of it (with ``checkpoint_dir``) and raise :class:`TrainInterrupted`; a second signal
   interrupts at once.
+
+  Several processes (after :func:`peftjax.train.distributed.initialize`): every process calls
+  ``train`` with the same arguments; the mesh spans all processes' devices, each process puts
+  only its rows of every global batch on its devices (``data`` yields global batches, of which
+  each process keeps its rows, or, if ``data.process_count`` equals the number of processes,
+  this process's rows already), the metrics are the global batch's, only process 0 writes
+  ``out_dir`` files, the progress bar and messages, and checkpoints are written by all
+  processes together. ``TrainResult.params`` then holds global arrays
+  (:func:`peftjax.train.distributed.gather` copies them to the host).
 
   Returns:
     :class:`TrainResult` with the trained full tree, the final state, the logged history and
@@ -441,29 +471,35 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
   if state is None and ckpt is not None and ckpt.all_steps():
     template = tx.init(trainable)
     saved = _restore_latest(ckpt, params, template)
+  main = dist.is_main()
   if saved is not None:
     trainable = split(_place_params(saved.params, placement))[0]
     state = TrainState(jnp.asarray(saved.step, jnp.int32), trainable,
                        _like(saved.opt_state, template), saved.rng)
     _restore_data(data, saved.data_position, saved.step)
-    print(f"resuming from step {saved.step} ({ckpt.directory / str(saved.step)})",
-          file=sys.stderr)
+    if main:
+      print(f"resuming from step {saved.step} ({ckpt.directory / str(saved.step)})",
+            file=sys.stderr)
   elif state is None:
     # The step donates its state; copy so the caller's arrays (shared with other trees) survive.
     trainable = jax.tree.map(jnp.copy, trainable)
     state = TrainState(jnp.asarray(0, jnp.int32), trainable, tx.init(trainable),
                        jax.random.key(config.seed))
+  if placement is not None and dist.multi_process():
+    # the step, the key and any optimizer state left off the mesh: replicated over it
+    state = dist.replicate(state, placement.mesh)
   sharding = placement.batch if placement is not None else None
+  local_rows = _local_rows(data)
   history, eval_metrics = [], {}
   log_file = writer = None
-  if config.out_dir:
+  if config.out_dir and main:
     os.makedirs(config.out_dir, exist_ok=True)
     log_file = open(os.path.join(config.out_dir, "metrics.jsonl"), "a", encoding="utf-8")
     if config.tensorboard:
       writer = _tensorboard(config.out_dir)
   bar = None
   start = int(state.step)
-  if config.progress:
+  if config.progress and main:
     from tqdm.auto import tqdm
     bar = tqdm(total=config.steps, initial=start, desc=config.label, unit="step",
                dynamic_ncols=True, file=sys.stderr)
@@ -496,8 +532,8 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
   try:
     for i in range(start, config.steps):
       batch = next(data)
-      tokens += _tokens_in(batch)
-      state, metrics = step_fn(state, frozen, _put_batch(batch, sharding))
+      tokens += _tokens_in(batch) * (jax.process_count() if local_rows else 1)
+      state, metrics = step_fn(state, frozen, _put_batch(batch, sharding, local_rows))
       step = i + 1
       if ckpt is not None and (step % config.save_every == 0 or step == config.steps):
         save(step)

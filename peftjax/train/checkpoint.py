@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from peftjax.io.checkpoint import (CorruptCheckpoint, _abstract_adapter, _adapter_arrays,
-                                   _check_base, _check_manifest, _fill, _read_checked, _template,
-                                   _version, adapter_manifest)
+from peftjax.io.checkpoint import (CorruptCheckpoint, _abstract_adapter, _check_base,
+                                   _check_manifest, _fill, _global_adapter, _read_checked,
+                                   _template, _version, adapter_manifest)
 
 __all__ = ["Checkpoint", "CorruptCheckpoint", "TrainCheckpointer"]
 
@@ -51,7 +51,8 @@ class Checkpoint(NamedTuple):
 def _leaf_specs(tree) -> list:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return [{"path": jax.tree_util.keystr(p), "shape": list(np.shape(x)),
-           "dtype": jnp.dtype(getattr(x, "dtype", np.asarray(x).dtype)).name} for p, x in flat]
+           "dtype": jnp.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype).name}
+          for p, x in flat]
 
 
 class TrainCheckpointer:
@@ -127,13 +128,16 @@ class TrainCheckpointer:
     """Renames the step directory of ``step`` to ``<step>.corrupt`` (``.corrupt-2``, ... if that
     exists), so that it no longer counts as a checkpoint and nothing is deleted; returns the new
     path."""
+    from peftjax.train import distributed as dist
     self._manager.wait_until_finished()
     src = self.directory / str(step)
     dst, n = self.directory / f"{step}.corrupt", 1
     while dst.exists():
       n += 1
       dst = self.directory / f"{step}.corrupt-{n}"
-    src.rename(dst)
+    if dist.is_main():  # several processes: one renames, the others wait for it
+      src.rename(dst)
+    dist.sync(f"peftjax_set_aside_{step}")
     self._manager.reload()
     return dst
 
@@ -170,7 +174,7 @@ class TrainCheckpointer:
     if step in self._manager.all_steps():
       raise ValueError(f"{self.directory}: step {step} is already saved")
     manifest = adapter_manifest(params)
-    state = {"adapter": _adapter_arrays(params)}
+    state = {"adapter": _global_adapter(params, manifest, where=f"{self.directory} step {step}")}
     rng_meta = None
     if rng is not None:
       if jnp.issubdtype(getattr(rng, "dtype", np.float32), jax.dtypes.prng_key):
@@ -184,6 +188,9 @@ class TrainCheckpointer:
     if opt_state is not None:
       state["opt_state"] = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(opt_state)]
       opt_specs = _leaf_specs(opt_state)
+    from peftjax.train import distributed as dist
+    if dist.multi_process():  # values every process holds whole: one global copy
+      state = dist.replicate(state)
     meta = {"step": step, "data_position": data_position, "rng": rng_meta,
             "opt_state": opt_specs, "manifest": manifest, "peftjax_version": _version()}
     return self._manager.save(step, args=ocp.args.Composite(
@@ -229,7 +236,7 @@ class TrainCheckpointer:
     _check_manifest(manifest, where)
     _check_base(manifest, params, where)
     template = _template(manifest, params, where)
-    default = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = {"adapter": _abstract_adapter(manifest, template, where, sharding)}
     treedef = None
     if opt_state is not None:
