@@ -22,7 +22,6 @@ Short names for the offline models: ``minilm`` (all-MiniLM-L6-v2) and ``smollm2`
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from peftjax import data as data_lib
 from peftjax import losses
+from peftjax._src import additive
 from peftjax._src import tuned as tuned_lib
 
 __all__ = ["MODELS", "resolve_model", "Task", "classification_task", "lm_task", "base_forward"]
@@ -169,20 +169,12 @@ def _classification_objective(forward):
   return loss_fn, eval_fn
 
 
-def _takes_keyword(fn, name: str) -> bool:
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-  return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-
-
 def _lm_objective(forward):
   # With a forward that passes labels= on to the model (peftjax.forward of the reference Llama),
   # the model's fused LM head + cross-entropy: the [batch, seq, vocab] logits are never held, in
   # the forward or the backward pass (peftjax.losses.fused_cross_entropy). A forward of one's own
   # that returns logits gets the plain loss.
-  fused = _takes_keyword(forward, "labels")
+  fused = additive.takes_keyword(forward, "labels")
 
   def nll_sum(tree, batch, weights=None):
     ids = batch["input_ids"]

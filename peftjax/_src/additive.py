@@ -300,14 +300,18 @@ def find_embedding(params, path: Optional[str] = None) -> tuple[str, Any]:
                    f"{targeting.describe_paths(pairs)}")
 
 
-def check_hook(model, arg: str, method: str):
-  """Raises a TypeError unless ``model.__call__`` takes a keyword argument ``arg``."""
-  fn = getattr(model, "__call__", None)
+def takes_keyword(fn, arg: str) -> bool:
+  """Whether the callable ``fn`` accepts a keyword argument ``arg`` (by name or ``**kwargs``)."""
   try:
     params = inspect.signature(fn).parameters
   except (TypeError, ValueError):
-    params = {}
-  if arg in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    return False
+  return arg in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def check_hook(model, arg: str, method: str):
+  """Raises a TypeError unless ``model.__call__`` takes a keyword argument ``arg``."""
+  if takes_keyword(getattr(model, "__call__", None), arg):
     return
   raise TypeError(f"{method} needs a model that accepts `{arg}=`; {type(model).__name__}.__call__ "
                   f"has no such argument. The reference models in peftjax.models "
