@@ -30,6 +30,9 @@ NAMES = {
     "peftjax_qlora": "peftjax QLoRA (NF4 + double quant)",
     "qwix_qlora": "qwix QLoRA (NF4)",
     "torch_qlora": "HF PEFT + bitsandbytes QLoRA (NF4 + DQ)",
+    "peftjax_lora_newest": "peftjax LoRA, newest jax",
+    "peftjax_full_newest": "peftjax full fine-tuning, newest jax",
+    "peftjax_qlora_newest": "peftjax QLoRA, newest jax",
 }
 PERFORMANCE_DOC = os.path.join(ROOT, "docs", "performance.md")
 
@@ -229,8 +232,19 @@ def _train_table(results, names, ref):
 
 
 #: Rows of the README's performance table, in order.
-README_SYSTEMS = ["peftjax_lora", "torch_lora", "qwix_lora", "peftjax_full", "torch_full",
-                  "peftjax_qlora", "qwix_qlora", "torch_qlora"]
+README_SYSTEMS = ["peftjax_lora", "peftjax_lora_newest", "torch_lora", "qwix_lora", "peftjax_full",
+                  "peftjax_full_newest", "torch_full", "peftjax_qlora", "peftjax_qlora_newest",
+                  "qwix_qlora", "torch_qlora"]
+
+
+def _newest_line(meta) -> list:
+  """Which jax the "newest jax" rows ran on, when the run had them."""
+  vn = meta.get("versions_newest") or {}
+  if not vn:
+    return []
+  return [f"\"Newest jax\" rows: the same peftjax cases run by `.venv-newest` (jax "
+          f"{vn.get('jax', '?')}, flax {vn.get('flax', '?')}, optax {vn.get('optax', '?')}), "
+          "interleaved with the rest.", ""]
 
 
 def _loss_memory_lines(systems) -> list:
@@ -266,6 +280,7 @@ def readme_block(results: dict) -> str:
        + f"; jax {v.get('jax', '?')}, PyTorch {v.get('torch', '?')}, peft {v.get('peft', '?')}, "
        f"qwix {v.get('qwix', '?')}; peftjax at {git.get('commit', '?')[:7]}"
        + (" with local changes" if git.get("dirty_files") else "") + ".", "",
+       *_newest_line(meta),
        "| system | s/step, median (range over rounds) | vs HF PEFT LoRA | peak RSS |",
        "|---|---|---|---|"]
   ref = systems.get("torch_lora", {}).get("median_s")
@@ -369,11 +384,13 @@ def write_report(results: dict, path: str, fig_dir: str, *, results_path: str | 
            "the same layers, the same jitted AdamW step over its `*_lora_a/b` parameters. "
            "PyTorch: HF PEFT `get_peft_model(LoraConfig(...))`, eager, `torch.optim.AdamW`.")
   L.append("")
-  L += _train_table(results, ["peftjax_lora", "torch_lora", "qwix_lora", "peftjax_full",
-                              "torch_full"], "torch_lora")
+  L += _newest_line(meta)
+  L += _train_table(results, ["peftjax_lora", "peftjax_lora_newest", "torch_lora", "qwix_lora",
+                              "peftjax_full", "peftjax_full_newest", "torch_full"], "torch_lora")
   L.append("")
   for k in ("peftjax LoRA / peftjax full", "PyTorch LoRA / PyTorch full",
-            "peftjax full / PyTorch full", "qwix LoRA / peftjax full"):
+            "peftjax full / PyTorch full", "qwix LoRA / peftjax full",
+            *(k for k in ratios if "newest jax" in k)):
     if k in ratios:
       L.append(f"- {k}: **{ratios[k]:.2f}x**")
   L.append("")
@@ -393,8 +410,8 @@ def write_report(results: dict, path: str, fig_dir: str, *, results_path: str | 
            "optional `kernels` package, a faster CPU 4-bit matmul, is not installed: its default "
            "CPU path is what runs here).")
   L.append("")
-  L += _train_table(results, ["peftjax_lora", "peftjax_qlora", "qwix_qlora", "torch_qlora"],
-                    "peftjax_lora")
+  L += _train_table(results, ["peftjax_lora", "peftjax_qlora", "peftjax_qlora_newest", "qwix_qlora",
+                              "torch_qlora"], "peftjax_lora")
   L.append("")
   L.append("| system | bits per quantized parameter | frozen part held by the step |")
   L.append("|---|---|---|")

@@ -86,16 +86,16 @@ def test_a_goal_is_met_only_when_every_round_meets_it():
   def rec(name, rnd, t):
     return {"name": name, "group": "main", "round": rnd, "ok": True, "load_before": [1.0],
             "load_after": [1.0], "result": {"median_s": t}}
-  # peftjax LoRA / HF PEFT LoRA per round: 0.9, 1.1, 0.95 (median of times: 0.95 / 1.0).
-  records = [rec("peftjax_lora", r, t) for r, t in enumerate([0.9, 1.1, 0.95])]
+  # peftjax LoRA / HF PEFT LoRA (target <= 0.9) per round: 0.8, 1.1, 0.85 (median 0.85 / 1.0).
+  records = [rec("peftjax_lora", r, t) for r, t in enumerate([0.8, 1.1, 0.85])]
   records += [rec("torch_lora", r, 1.0) for r in range(3)]
   systems = run.aggregate(records, shape)
   goal = next(g for g in run.derive(systems, shape)["goals"]
               if g["name"] == "peftjax LoRA / HF PEFT LoRA")
-  assert math.isclose(goal["value"], 0.95) and goal["met"] is False
-  assert [round(r, 2) for r in goal["rounds"]] == [0.9, 1.1, 0.95] and goal["met_rounds"] == 2
+  assert math.isclose(goal["value"], 0.85) and goal["met"] is False
+  assert [round(r, 2) for r in goal["rounds"]] == [0.8, 1.1, 0.85] and goal["met_rounds"] == 2
   assert report.goal_state(goal) == "met in 2 of 3 rounds"
-  records[1]["result"]["median_s"] = 0.97
+  records[1]["result"]["median_s"] = 0.88
   goal = next(g for g in run.derive(run.aggregate(records, shape), shape)["goals"]
               if g["name"] == "peftjax LoRA / HF PEFT LoRA")
   assert goal["met"] is True and report.goal_state(goal) == "met in all 3 rounds"
