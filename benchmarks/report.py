@@ -304,6 +304,8 @@ def readme_block(results: dict) -> str:
     L.append(f"- {g['name']} {g['op']} {t}: {_fmt_goal(g, g['value'])}"
              + (f" (rounds: {each})" if each else "") + f", **{goal_state(g)}**")
   peak = results.get("matmul_peak", {})
+  if meta.get("notes"):
+    L += [""] + [f"Note: {n}" for n in meta["notes"]]
   if peak.get("jax_flops_per_s"):
     L += ["", f"Matmul peak measured in the same run: JAX {peak['jax_flops_per_s'] / 1e9:.0f} "
               f"GFLOP/s, PyTorch {(peak.get('torch_flops_per_s') or 0) / 1e9:.0f} GFLOP/s."]
