@@ -35,6 +35,9 @@ SCALING_RANKS = (4, 16, 64)
 QUICK_SCALING_HIDDEN = (32, 64, 128)
 QUICK_SCALING_RANKS = (2, 4, 8)
 
+#: peftjax cases that run.py also runs on the newest jax (``.venv-newest``), named ``<case>_newest``.
+NEWEST_CASES = ("peftjax_lora", "peftjax_full", "peftjax_qlora")
+
 RESULT_PREFIX = "BENCH_RESULT "
 
 #: The seven linear layers of a Llama block (HF PEFT ``target_modules`` names; the same names are

@@ -30,10 +30,8 @@ NAMES = {
     "peftjax_qlora": "peftjax QLoRA (NF4 + double quant)",
     "qwix_qlora": "qwix QLoRA (NF4)",
     "torch_qlora": "HF PEFT + bitsandbytes QLoRA (NF4 + DQ)",
-    "peftjax_lora_newest": "peftjax LoRA, newest jax",
-    "peftjax_full_newest": "peftjax full fine-tuning, newest jax",
-    "peftjax_qlora_newest": "peftjax QLoRA, newest jax",
 }
+NAMES.update({f"{c}_newest": f"{NAMES[c]}, newest jax" for c in _common.NEWEST_CASES})
 PERFORMANCE_DOC = os.path.join(ROOT, "docs", "performance.md")
 
 

@@ -56,13 +56,11 @@ SYSTEMS = {
     "peftjax_qlora": "peftjax QLoRA (NF4 + double quant)",
     "qwix_qlora": "qwix QLoRA (NF4)",
     "torch_qlora": "HF PEFT + bitsandbytes QLoRA (NF4 + double quant)",
-    "peftjax_lora_newest": "peftjax LoRA, newest jax",
-    "peftjax_full_newest": "peftjax full fine-tuning, newest jax",
-    "peftjax_qlora_newest": "peftjax QLoRA, newest jax",
 }
 #: The peftjax cases also run on the newest jax (``.venv-newest``, which ``make test`` creates),
 #: interleaved with the rest, so one run compares the two JAX releases side by side.
-NEWEST_CASES = ("peftjax_lora", "peftjax_full", "peftjax_qlora")
+NEWEST_CASES = _common.NEWEST_CASES
+SYSTEMS.update({f"{c}_newest": f"{SYSTEMS[c]}, newest jax" for c in NEWEST_CASES})
 TRAIN_KIND = {"peftjax_lora": "lora", "torch_lora": "lora", "qwix_lora": "lora",
               "peftjax_full": "full", "torch_full": "full", "peftjax_qlora": "lora",
               "qwix_qlora": "lora", "torch_qlora": "lora"}
