@@ -61,8 +61,9 @@ class LoraWeight(Node):
       for few tokens, e.g. decoding), ``"merged"`` (one matmul with the merged kernel, recomputed
       in a custom backward pass that never forms a weight gradient; best for training batches),
       or ``"auto"`` (choose per call by the sizes, see :func:`_merge_is_cheaper`). A quantized
-      base or active dropout always uses the factored form. The merged form has a custom
-      reverse-mode rule: forward-mode AD (``jvp``, ``jacfwd``, Hessians) needs ``"factored"``.
+      base or active dropout always uses the factored form. Except under ``"factored"``, both
+      forms have custom reverse-mode rules (:func:`_merged_matmul`, :func:`_lowrank_matmul`):
+      forward-mode AD (``jvp``, ``jacfwd``, Hessians) needs ``"factored"``.
   """
 
   w: Any
@@ -135,6 +136,12 @@ class LoraWeight(Node):
     base = nodes_lib.dot_general(x, self.w, dimension_numbers, precision=precision,
                                  preferred_element_type=preferred_element_type)
     xd = self._dropout(x, lb)
+    if tuple(sorted(rc)) == in_axes and self.matmul != "factored":
+      # Not merged (few tokens, active dropout, or a base that cannot absorb the update, e.g. a
+      # quantized kernel): the low-rank product with its own (reverse-mode) backward pass.
+      upd = _lowrank_dot(xd, a, b, self.scale, self.shape, ni, dimension_numbers, precision,
+                         preferred_element_type)
+      return base + upd.astype(base.dtype)
     n_lb = len(lb)
     if tuple(sorted(rc)) == in_axes:
       # x W = (x A) B: contract x with A over the input axes (same positions in A as in W).
@@ -194,15 +201,15 @@ def _merged_kernel(w, a, b, scale, n_in, dtype):
   return (w + _delta(a, b, scale, n_in).astype(w.dtype)).astype(dtype)
 
 
-def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type):
-  """``dot_general(x, w + scale*A@B, dims)``: one big matmul instead of three.
+def _as_matrices(x, w_shape, n_in, dims):
+  """``x`` in the canonical ``[M, K]`` form (``[B, M, K]`` with layer-batch axes) for
+  ``dot_general(x, w, dims)`` where ``dims`` contracts every input axis of ``w`` (shape
+  ``w_shape``) and batches every batch axis: batch axes first, then the free axes, then the
+  contracted axes in ``w``'s order (a no-op for the usual ``x[..., d_in] @ w[d_in, d_out]``).
 
-  ``dims`` must contract every input axis of ``w`` and batch every batch axis. ``x`` is brought
-  to the canonical ``[M, K]`` form (``[B, M, K]`` with layer-batch axes: batch axes first, then
-  the free axes, then the contracted axes in ``w``'s order; a no-op for the usual ``x[..., d_in]
-  @ w[d_in, d_out]``), ``w``, ``A``, ``B`` to ``[K, N]``, ``[K, r]``, ``[r, N]`` by reshapes, and
-  :func:`_merged_matmul` does the work with fixed dimension orders; the result is reshaped back
-  to what ``dot_general`` returns.
+  Returns ``(x2, lead, k, n, back)``: ``lead`` is ``(B,)`` or ``()``, ``k``/``n`` the flattened
+  input/output sizes, and ``back`` turns a ``[*lead, M, N]`` result into what ``dot_general``
+  returns.
   """
   (lc, rc), (lb, rb) = dims
   nb = len(rb)
@@ -212,17 +219,41 @@ def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type
   x_free = [d for d in range(x.ndim) if d not in used]
   perm = [lb[i] for i in order_b] + x_free + [lc[i] for i in order_c]
   xt = x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
-  bshape = tuple(w.shape[:nb])
-  in_shape, out_shape = tuple(w.shape[nb:nb + n_in]), tuple(w.shape[nb + n_in:])
+  bshape = tuple(w_shape[:nb])
+  in_shape, out_shape = tuple(w_shape[nb:nb + n_in]), tuple(w_shape[nb + n_in:])
   free_shape = tuple(x.shape[d] for d in x_free)
   lead = (math.prod(bshape),) if nb else ()
-  k, n, m, r = math.prod(in_shape), math.prod(out_shape), math.prod(free_shape), a.shape[-1]
-  y = _merged_matmul(xt.reshape(*lead, m, k), w.reshape(*lead, k, n), a.reshape(*lead, k, r),
-                     b.reshape(*lead, r, n), scale, precision, preferred_element_type)
-  y = y.reshape(*bshape, *free_shape, *out_shape)
-  if order_b != list(range(nb)):  # dot_general orders batch axes as the (lb, rb) pairs are listed
-    y = jnp.transpose(y, [*np.argsort(order_b), *range(nb, y.ndim)])
-  return y
+  k, n, m = math.prod(in_shape), math.prod(out_shape), math.prod(free_shape)
+
+  def back(y):
+    y = y.reshape(*bshape, *free_shape, *out_shape)
+    if order_b != list(range(nb)):  # dot_general orders batch axes as the (lb, rb) pairs are listed
+      y = jnp.transpose(y, [*np.argsort(order_b), *range(nb, y.ndim)])
+    return y
+  return xt.reshape(*lead, m, k), lead, k, n, back
+
+
+def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type):
+  """``dot_general(x, w + scale*A@B, dims)``: one big matmul instead of three.
+
+  ``x`` is brought to the canonical form by :func:`_as_matrices`, ``w``, ``A``, ``B`` to
+  ``[K, N]``, ``[K, r]``, ``[r, N]`` by reshapes, and :func:`_merged_matmul` does the work with
+  fixed dimension orders.
+  """
+  x2, lead, k, n, back = _as_matrices(x, w.shape, n_in, dims)
+  r = a.shape[-1]
+  return back(_merged_matmul(x2, w.reshape(*lead, k, n), a.reshape(*lead, k, r),
+                             b.reshape(*lead, r, n), scale, precision, preferred_element_type))
+
+
+def _lowrank_dot(x, a, b, scale, w_shape, n_in, dims, precision, preferred_element_type):
+  """``dot_general(x, scale*A@B, dims)`` as ``scale*(x@A)@B`` in the canonical form, by
+  :func:`_lowrank_matmul` (the update added to a base that cannot be merged into, e.g. a
+  quantized kernel)."""
+  x2, lead, k, n, back = _as_matrices(x, w_shape, n_in, dims)
+  r = a.shape[-1]
+  return back(_lowrank_matmul(x2, a.reshape(*lead, k, r), b.reshape(*lead, r, n), scale,
+                              precision, preferred_element_type))
 
 
 def _merged_kernel2(w, a, b, scale, dtype):
@@ -301,6 +332,51 @@ def _merged_matmul_bwd(scale, precision, preferred_element_type, res, g):
 
 
 _merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _lowrank_matmul(x, a, b, scale, precision, preferred_element_type):
+  """``scale * (x @ a) @ b`` for ``x [.., M, K]``, ``a [.., K, r]``, ``b [.., r, N]``.
+
+  The backward pass of :func:`_merged_matmul` without the base: ``dt = g @ (s*B)^T``,
+  ``dx = dt @ A^T``, ``dB = s * t^T @ g``, ``dA = (dt^T @ x)^T`` with the rank-``r`` factor as the
+  small left operand, so the ``[M, N]`` cotangent is never written transposed (with plain autodiff
+  XLA:CPU wrote it transposed for ``dB``, fused into the activation's backward: 13 ms per MLP
+  kernel, the QLoRA step's largest op; docs/performance.md). Reverse mode only, like the merged
+  rule.
+  """
+  t = _mm(x, a, 1, 0, precision, preferred_element_type)
+  return _mm(t.astype(x.dtype), b * jnp.asarray(scale, b.dtype), 1, 0, precision,
+             preferred_element_type)
+
+
+def _lowrank_matmul_fwd(x, a, b, scale, precision, preferred_element_type):
+  xv, av, bv = x.value, a.value, b.value
+  t = _mm(xv, av, 1, 0, precision, preferred_element_type)
+  y = _mm(t.astype(xv.dtype), bv * jnp.asarray(scale, bv.dtype), 1, 0, precision,
+          preferred_element_type)
+  return y, (xv, av, bv, t, True if x.perturbed else None,
+             True if (a.perturbed or b.perturbed) else None)
+
+
+def _lowrank_matmul_bwd(scale, precision, preferred_element_type, res, g):
+  x, a, b, t, x_perturbed, ab_perturbed = res
+  if isinstance(g, SymbolicZero):
+    return None, None, None
+  mm = functools.partial(_mm, precision=precision, preferred_element_type=preferred_element_type)
+  g = g.astype(x.dtype)
+  s = jnp.asarray(scale, x.dtype)
+  dt = mm(g, b.astype(x.dtype) * s, 1, 1).astype(x.dtype)               # g @ (sB)^T [M, r]
+  dx = da = db = None
+  if x_perturbed is not None:
+    dx = mm(dt, a.astype(x.dtype), 1, 1).astype(x.dtype)                 # dt @ A^T   [M, K]
+  if ab_perturbed is not None:
+    db = (mm(_t_in(t.astype(x.dtype)), g, 1, 0) * s).astype(b.dtype)    # s t^T @ g  [r, N]
+    da = _t_out(mm(_t_in(dt), x, 1, 0)).astype(a.dtype)                 # (dt^T @ x)^T [K, r]
+  return dx, da, db
+
+
+_lowrank_matmul.defvjp(_lowrank_matmul_fwd, _lowrank_matmul_bwd, symbolic_zeros=True)
 
 
 # -- layout -----------------------------------------------------------------------------------

@@ -91,9 +91,13 @@ def test_no_float_copy_of_frozen_weights_in_residuals():
   tuned = randomize_b(qlora.apply(params, rank=4, block_size=32))
   trainable, frozen = peftjax.split(tuned)
   fwd = peftjax.lift(model.apply)
-  res = saved_residuals(lambda t: next_token_loss(fwd(peftjax.combine(t, frozen), TOK), TOK),
+  # 3 x 7 tokens: no activation, flattened to [tokens, features] for the low-rank product, has
+  # a kernel's shape (with TOK's 64 tokens, x [64, 32] would look like a [64, 32] kernel).
+  tok = TOK[:3, :7]
+  res = saved_residuals(lambda t: next_token_loss(fwd(peftjax.combine(t, frozen), tok), tok),
                         trainable)
   kernel_shapes = {tuple(n.shape) for n in qnodes(tuned)}
+  assert not any(21 in s for s in kernel_shapes)
   # ("from a constant" residuals are existing arrays, e.g. the unquantized lm_head; a dequantized
   # weight kept for the backward pass would be the output of some operation.)
   bad = [(a, why) for a, why in res
