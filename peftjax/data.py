@@ -414,6 +414,77 @@ class ClassificationLoader:
       self.epoch, self.index = self.epoch + 1, 0
 
 
+#: Characters of text per tokenizer call in :func:`tokenize_text`.
+TOKENIZE_CHUNK = 1 << 16
+
+
+def _special_ids(tokenizer) -> tuple[list, list]:
+  """The ids a tokenizer call adds before and after the text's own (e.g. ``[CLS]``/``[SEP]``,
+  a BOS): found by tokenizing one word with and without special tokens."""
+  plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+  full = tokenizer("a", verbose=False)["input_ids"]
+  for i in range(len(full) - len(plain) + 1):
+    if full[i:i + len(plain)] == plain:
+      return full[:i], full[i + len(plain):]
+  return [], []
+
+
+def _cut(text: str, start: int, end: int) -> int:
+  """The end of a piece starting at ``start``: just after the last line break before ``end``
+  that sits between two non-space characters (a pre-tokenizer boundary for WordPiece and for
+  byte-level BPE: no token spans it), else after the first one past ``end``, else the text's end.
+  """
+  if end >= len(text):
+    return len(text)
+
+  def ok(k):
+    return k > start and k + 1 < len(text) and not (text[k - 1].isspace() or text[k + 1].isspace())
+  k = text.rfind("\n", start, end)
+  while k > start and not ok(k):
+    k = text.rfind("\n", start, k)
+  if k > start:
+    return k + 1
+  k = text.find("\n", end)
+  while k != -1 and not ok(k):
+    k = text.find("\n", k + 1)
+  return len(text) if k == -1 else k + 1
+
+
+def _splits_at_line_breaks(tokenizer) -> bool:
+  """Whether tokenizing at such a line break gives the same ids as one call (not for a
+  SentencePiece tokenizer that prefixes each call's text with a space marker)."""
+  probe = "One line.\nTwo words\nthree"
+  whole = tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"]
+  a, b = probe.split("\n", 1)
+  parts = (tokenizer(a + "\n", add_special_tokens=False, verbose=False)["input_ids"]
+           + tokenizer(b, add_special_tokens=False, verbose=False)["input_ids"])
+  return list(whole) == list(parts)
+
+
+def tokenize_text(tokenizer, text: str, *, chunk: int = TOKENIZE_CHUNK) -> np.ndarray:
+  """``tokenizer(text)["input_ids"]`` as ``int32``, one piece of about ``chunk`` characters at a
+  time, each ending at a line break between two non-space characters (see :func:`_cut`), with
+  the special tokens that one call would add (once, around the whole text). A tokenizer for
+  which such a split changes the ids (:func:`_splits_at_line_breaks`) gets one call.
+
+  One call on a whole corpus holds the tokenizer's per-character alignments and per-token Python
+  lists at once: several hundred MB for Moby Dick, the peak of a QLoRA run's whole process
+  (benchmarks/memory.py). Pieces keep that to one piece's worth; the ids are the same
+  (tests/test_data.py checks the offline WordPiece and byte-level BPE tokenizers).
+  """
+  if not _splits_at_line_breaks(tokenizer):
+    return np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
+  head, tail = _special_ids(tokenizer)
+  parts, i = [np.asarray(head, np.int32)], 0
+  while i < len(text):
+    j = _cut(text, i, i + chunk)
+    ids = tokenizer(text[i:j], add_special_tokens=False, verbose=False)["input_ids"]
+    parts.append(np.asarray(ids, np.int32))
+    i = j
+  parts.append(np.asarray(tail, np.int32))
+  return np.concatenate(parts)
+
+
 class LMLoader:
   """Packed language-modelling windows: ``[batch, seq_len + 1]`` token ids, no padding.
 

@@ -359,8 +359,8 @@ def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: i
                      f"needs a causal LM (Llama family, e.g. smollm2)")
   if tok is None:
     raise ValueError("the model has no tokenizer")
-  train_ids = tok(train_text, verbose=False)["input_ids"]
-  test_ids = tok(test_text, verbose=False)["input_ids"]
+  train_ids = data_lib.tokenize_text(tok, train_text)
+  test_ids = data_lib.tokenize_text(tok, test_text)
   train_loader = data_lib.LMLoader(train_ids, seq_len=seq_len, batch_size=batch_size, seed=seed)
   test_loader = data_lib.LMLoader(test_ids[:eval_windows * (seq_len + 1)], seq_len=seq_len,
                                   batch_size=min(batch_size, eval_windows), shuffle=False)
