@@ -14,7 +14,8 @@ and the two steps). Ratios are to peftjax LoRA f32's peak and to the checkpoint'
 bitsandbytes and qwix QLoRA run only when importable in this interpreter (otherwise the reason is
 printed and recorded). The load average before and after each run is recorded: a busy machine
 does not change peak memory much, but it is there to read. Results go to
-``benchmarks/results/memory-<shape>.json``.
+``benchmarks/results/memory-<shape>.json``; the table in ``docs/quant.md`` is regenerated from
+the committed runs (``--render`` redoes only that).
 
 The directory is written one tensor at a time (NumPy only), so this parent process stays small.
 """
@@ -200,5 +201,47 @@ def main(argv=None) -> dict:
   return result
 
 
+DOC = ROOT / "docs" / "quant.md"
+BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
+#: The committed runs the table shows, in its row order: (JSON label, row name).
+TABLE_RUNS = (("big", "big shape (random Llama, 0.54B, f32 safetensors)"),
+              ("smollm2", "SmolLM2-135M (its Q4_1 GGUF)"))
+
+
+def render_table(results_dir: Path = HERE / "results") -> str:
+  """The docs table of peak RSS, generated from the committed ``memory-*.json`` runs."""
+  lines = ["| model | checkpoint | peftjax LoRA f32 | peftjax QLoRA NF4+DQ | QLoRA / LoRA | "
+           "measured |", "|---|---|---|---|---|---|"]
+  for label, row in TABLE_RUNS:
+    path = results_dir / f"memory-{label}.json"
+    if not path.exists():
+      continue
+    r = json.loads(path.read_text())
+    lora, qlora = r["systems"].get("peftjax lora f32", {}), r["systems"].get("peftjax qlora nf4+dq", {})
+    if "peak_rss_bytes" not in lora or "peak_rss_bytes" not in qlora:
+      continue
+    loads = [x for rec in (lora, qlora) for x in (rec["load_before"][0], rec["load_after"][0])]
+    lines.append(
+        f"| {row} | {r['checkpoint_bytes'] / 1e9:.3f} GB | {lora['peak_rss_bytes'] / 1e9:.3f} GB "
+        f"({lora['peak_rss_bytes'] / r['checkpoint_bytes']:.2f}x checkpoint) | "
+        f"{qlora['peak_rss_bytes'] / 1e9:.3f} GB | "
+        f"{qlora['peak_rss_bytes'] / lora['peak_rss_bytes']:.3f} | {r['date']}, Python "
+        f"{r['python']}, load {min(loads):.1f}-{max(loads):.1f} |")
+  return "\n".join(lines)
+
+
+def write_doc(path: Path = DOC) -> None:
+  text = path.read_text()
+  if BEGIN not in text or END not in text:
+    raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  path.write_text(head + BEGIN + "\n" + render_table() + "\n" + END + tail)
+
+
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:] == ["--render"]:
+    write_doc()
+  else:
+    main()
+    write_doc()

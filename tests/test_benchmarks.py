@@ -99,3 +99,13 @@ def test_a_goal_is_met_only_when_every_round_meets_it():
   goal = next(g for g in run.derive(run.aggregate(records, shape), shape)["goals"]
               if g["name"] == "peftjax LoRA / HF PEFT LoRA")
   assert goal["met"] is True and report.goal_state(goal) == "met in all 3 rounds"
+
+
+def test_the_memory_table_in_the_docs_is_the_committed_json():
+  import memory
+  text = memory.DOC.read_text()
+  block = text.split(memory.BEGIN, 1)[1].split(memory.END, 1)[0].strip()
+  assert block == memory.render_table().strip(), (
+      "docs/quant.md's memory table differs from benchmarks/results/memory-*.json: run "
+      "python benchmarks/memory.py --render")
+  assert block.count("\n") >= 3   # header, rule and both committed runs
