@@ -60,8 +60,10 @@ class LoraWeight(Node):
     matmul: how ``lift`` computes ``x @ (w + s*A@B)``: ``"factored"`` (``x@w + s*(x@A)@B``, best
       for few tokens, e.g. decoding), ``"merged"`` (one matmul with the merged kernel, recomputed
       in a custom backward pass that never forms a weight gradient; best for training batches),
-      or ``"auto"`` (choose per call by the sizes, see :func:`_merge_is_cheaper`). A quantized
-      base or active dropout always uses the factored form. Except under ``"factored"``, both
+      or ``"auto"`` (choose per call by the sizes, see :func:`_merge_is_cheaper`; a merged call
+      that is not differentiated computes the factored form, cheaper without a backward pass:
+      see :func:`_merged_matmul`). A quantized base or active dropout always uses the factored
+      form. Except under ``"factored"``, both
       forms have custom reverse-mode rules (:func:`_merged_matmul`, :func:`_lowrank_matmul`):
       forward-mode AD (``jvp``, ``jacfwd``, Hessians) needs ``"factored"``.
   """
@@ -132,7 +134,7 @@ class LoraWeight(Node):
                                         _merge_is_cheaper(x, self, lc, lb))
     if merge and not is_node(self.w) and not dropout_active and tuple(sorted(rc)) == in_axes:
       return _merged_dot(x, self.w, a, b, self.scale, self.n_in, dimension_numbers, precision,
-                         preferred_element_type)
+                         preferred_element_type, eval_factored=self.matmul == "auto")
     base = nodes_lib.dot_general(x, self.w, dimension_numbers, precision=precision,
                                  preferred_element_type=preferred_element_type)
     xd = self._dropout(x, lb)
@@ -233,17 +235,19 @@ def _as_matrices(x, w_shape, n_in, dims):
   return xt.reshape(*lead, m, k), lead, k, n, back
 
 
-def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type):
+def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type, *,
+                eval_factored=False):
   """``dot_general(x, w + scale*A@B, dims)``: one big matmul instead of three.
 
   ``x`` is brought to the canonical form by :func:`_as_matrices`, ``w``, ``A``, ``B`` to
   ``[K, N]``, ``[K, r]``, ``[r, N]`` by reshapes, and :func:`_merged_matmul` does the work with
-  fixed dimension orders.
+  fixed dimension orders (``eval_factored``: see there).
   """
   x2, lead, k, n, back = _as_matrices(x, w.shape, n_in, dims)
   r = a.shape[-1]
   return back(_merged_matmul(x2, w.reshape(*lead, k, n), a.reshape(*lead, k, r),
-                             b.reshape(*lead, r, n), scale, precision, preferred_element_type))
+                             b.reshape(*lead, r, n), scale, precision, preferred_element_type,
+                             eval_factored))
 
 
 def _lowrank_dot(x, a, b, scale, w_shape, n_in, dims, precision, preferred_element_type):
@@ -283,8 +287,8 @@ def _t_out(u):
   return jnp.swapaxes(lax.optimization_barrier(u), -1, -2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _merged_matmul(x, w, a, b, scale, precision, preferred_element_type):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _merged_matmul(x, w, a, b, scale, precision, preferred_element_type, eval_factored):
   """``x @ (w + scale*a@b)`` for ``x [.., M, K]``, ``w [.., K, N]``, ``a [.., K, r]``, ``b [.., r, N]``.
 
   Custom backward pass, every product in the orientation XLA:CPU runs fastest:
@@ -297,21 +301,36 @@ def _merged_matmul(x, w, a, b, scale, precision, preferred_element_type):
 
   Being a ``custom_vjp``, it supports reverse mode (and ``vmap`` of it) but not forward mode:
   use ``matmul="factored"`` for ``jvp``/``jacfwd``/Hessians.
+
+  Merging pays for itself through the backward pass (one ``dx`` matmul instead of three). A call
+  that is not differentiated (evaluation, generation) with ``eval_factored`` computes
+  ``x@w + (x@a)@(s*b)`` instead, which is cheaper without a backward pass: forming ``W'`` writes a
+  weight-sized array per kernel and per call (``matmul="auto"`` sets it; ``"merged"`` keeps the
+  merged form everywhere).
   """
+  if eval_factored:
+    t = _mm(x, a.astype(x.dtype), 1, 0, precision, preferred_element_type).astype(x.dtype)
+    upd = _mm(t, b.astype(x.dtype) * jnp.asarray(scale, x.dtype), 1, 0, precision,
+              preferred_element_type)
+    return _mm(x, w.astype(x.dtype), 1, 0, precision, preferred_element_type) + upd
+  return _merged_y(x, w, a, b, scale, precision, preferred_element_type)
+
+
+def _merged_y(x, w, a, b, scale, precision, preferred_element_type):
   wm = _merged_kernel2(w, a, b, scale, x.dtype)
   return _mm(x, wm, 1, 0, precision, preferred_element_type)
 
 
-def _merged_matmul_fwd(x, w, a, b, scale, precision, preferred_element_type):
+def _merged_matmul_fwd(x, w, a, b, scale, precision, preferred_element_type, eval_factored):
   xv, wv, av, bv = x.value, w.value, a.value, b.value
-  y = _merged_matmul(xv, wv, av, bv, scale, precision, preferred_element_type)
+  y = _merged_y(xv, wv, av, bv, scale, precision, preferred_element_type)
   ab = a.perturbed or b.perturbed
   t = _mm(xv, av, 1, 0, precision, preferred_element_type) if ab else None
   # Which inputs need a cotangent rides along as present-or-None residuals.
   return y, (xv, wv, av, bv, t, True if x.perturbed else None, True if w.perturbed else None)
 
 
-def _merged_matmul_bwd(scale, precision, preferred_element_type, res, g):
+def _merged_matmul_bwd(scale, precision, preferred_element_type, eval_factored, res, g):
   x, w, a, b, t, x_perturbed, w_perturbed = res
   if isinstance(g, SymbolicZero):
     return None, None, None, None
