@@ -63,8 +63,7 @@ class LoraWeight(Node):
       or ``"auto"`` (choose per call by the sizes, see :func:`_merge_is_cheaper`; a merged call
       that is not differentiated computes the factored form, cheaper without a backward pass:
       see :func:`_merged_matmul`). A quantized base or active dropout always uses the factored
-      form. Except under ``"factored"``, both
-      forms have custom reverse-mode rules (:func:`_merged_matmul`, :func:`_lowrank_matmul`):
+      form. Except under ``"factored"``, both forms have custom reverse-mode rules (:func:`_merged_matmul`, :func:`_lowrank_matmul`):
       forward-mode AD (``jvp``, ``jacfwd``, Hessians) needs ``"factored"``.
   """
 
@@ -252,8 +251,8 @@ def _merged_dot(x, w, a, b, scale, n_in, dims, precision, preferred_element_type
 
 def _lowrank_dot(x, a, b, scale, w_shape, n_in, dims, precision, preferred_element_type):
   """``dot_general(x, scale*A@B, dims)`` as ``scale*(x@A)@B`` in the canonical form, by
-  :func:`_lowrank_matmul` (the update added to a base that cannot be merged into, e.g. a
-  quantized kernel)."""
+  :func:`_lowrank_matmul` (the update of an unmerged call: few tokens, active dropout, or a base
+  that cannot absorb it, e.g. a quantized kernel)."""
   x2, lead, k, n, back = _as_matrices(x, w_shape, n_in, dims)
   r = a.shape[-1]
   return back(_lowrank_matmul(x2, a.reshape(*lead, k, r), b.reshape(*lead, r, n), scale,
@@ -309,9 +308,7 @@ def _merged_matmul(x, w, a, b, scale, precision, preferred_element_type, eval_fa
   merged form everywhere).
   """
   if eval_factored:
-    t = _mm(x, a.astype(x.dtype), 1, 0, precision, preferred_element_type).astype(x.dtype)
-    upd = _mm(t, b.astype(x.dtype) * jnp.asarray(scale, x.dtype), 1, 0, precision,
-              preferred_element_type)
+    upd, _ = _lowrank_y(x, a, b, scale, precision, preferred_element_type)
     return _mm(x, w.astype(x.dtype), 1, 0, precision, preferred_element_type) + upd
   return _merged_y(x, w, a, b, scale, precision, preferred_element_type)
 
@@ -364,16 +361,20 @@ def _lowrank_matmul(x, a, b, scale, precision, preferred_element_type):
   kernel, the QLoRA step's largest op; docs/performance.md). Reverse mode only, like the merged
   rule.
   """
-  t = _mm(x, a, 1, 0, precision, preferred_element_type)
-  return _mm(t.astype(x.dtype), b * jnp.asarray(scale, b.dtype), 1, 0, precision,
-             preferred_element_type)
+  return _lowrank_y(x, a, b, scale, precision, preferred_element_type)[0]
+
+
+def _lowrank_y(x, a, b, scale, precision, preferred_element_type):
+  """``(scale * t @ b, t)`` with ``t = x @ a``, both factors in ``x``'s dtype."""
+  t = _mm(x, a.astype(x.dtype), 1, 0, precision, preferred_element_type)
+  y = _mm(t.astype(x.dtype), b.astype(x.dtype) * jnp.asarray(scale, x.dtype), 1, 0, precision,
+          preferred_element_type)
+  return y, t
 
 
 def _lowrank_matmul_fwd(x, a, b, scale, precision, preferred_element_type):
   xv, av, bv = x.value, a.value, b.value
-  t = _mm(xv, av, 1, 0, precision, preferred_element_type)
-  y = _mm(t.astype(xv.dtype), bv * jnp.asarray(scale, bv.dtype), 1, 0, precision,
-          preferred_element_type)
+  y, t = _lowrank_y(xv, av, bv, scale, precision, preferred_element_type)
   return y, (xv, av, bv, t, True if x.perturbed else None,
              True if (a.perturbed or b.perturbed) else None)
 
