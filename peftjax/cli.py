@@ -238,6 +238,11 @@ def _add_train_args(p):
                  help="over all visible devices: data parallel (dp) or FSDP parameters "
                       "(default: dp)")
   p.add_argument("--no-baseline", action="store_true", help="skip the head-only baseline")
+  p.add_argument("--general-data", default=None, metavar="NAME|FILE.txt",
+                 help="language models: also evaluate on this general text, never tuned on, "
+                      "before and after training; its NLL after minus before is the "
+                      "forgetting column. speeches (the 2012 US convention speeches) or a .txt "
+                      "file")
   g = p.add_argument_group("several processes (docs/distributed.md); default: the environment "
                            "(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
   g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -310,8 +315,8 @@ def _task_of(run: dict, eval_limit: int):
     return tasks.lm_task(run["model"], run["data"], batch_size=run["batch_size"],
                          seq_len=run["seq_len"], seed=run["seed"],
                          scan_layers=run.get("scan_layers", False),
-                         eval_data=run.get("eval_data"), compute_dtype=compute_dtype,
-                         load=_load_kwargs(run))
+                         eval_data=run.get("eval_data"), general=run.get("general_data"),
+                         compute_dtype=compute_dtype, load=_load_kwargs(run))
   return tasks.classification_task(
       run["model"], run["data"], batch_size=run["batch_size"], max_len=run["seq_len"],
       seed=run["seed"], eval_limit=eval_limit or None, eval_data=run.get("eval_data"),
@@ -405,6 +410,8 @@ def _is_name(key: str, value: str) -> bool:
   from peftjax import tasks
   if key == "model":
     return value in tasks.MODELS or ("==" in value and not Path(value).exists())
+  if key == "general_data":
+    return value in peftjax.data.GENERAL_TEXTS
   return value in _DATASETS
 
 
@@ -537,12 +544,18 @@ def _step_seconds(history: list) -> Optional[float]:
   return (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (steps[-1]["step"] - steps[0]["step"])
 
 
-def _row(name, tree, metrics, lm: bool, step_s: Optional[float] = None) -> dict:
+def _row(name, tree, metrics, lm: bool, step_s: Optional[float] = None,
+         general: Optional[tuple] = None) -> dict:
+  """A results row; ``general``: ``(nll, base nll or None)`` on the general text."""
   s = peftjax.summary(tree)
   r = {"model": name, "trainable": f"{s.trainable:,}", "trainable %": f"{100 * s.fraction:.3f}"}
   if lm:
     r["held-out nll"] = f"{metrics['nll']:.4f}"
     r["perplexity"] = f"{math.exp(metrics['nll']):.2f}"
+    if general is not None:
+      nll, before = general
+      r["general nll"] = f"{nll:.4f}"
+      r["forgetting"] = "-" if before is None else f"{nll - before:+.4f}"
   else:
     r["test accuracy"] = f"{100 * metrics['accuracy']:.2f}%"
     r["test loss"] = f"{metrics['loss']:.4f}"
@@ -559,6 +572,17 @@ def _run_record(a) -> dict:
   if kind == "lm" and (a.text_column is not None or a.label_column is not None):
     raise _UsageError(f"peftjax {a.cmd}: error: --text-column/--label-column apply to "
                       f"classification data files, not {a.data}")
+  if a.general_data is not None:
+    if kind != "lm":
+      raise _UsageError(f"peftjax {a.cmd}: error: --general-data measures a language model's "
+                        f"forgetting; {a.data} is classification data")
+    if not _is_name("general_data", a.general_data):
+      if Path(a.general_data).suffix.lower() != ".txt":
+        raise _UsageError(f"peftjax {a.cmd}: error: --general-data {a.general_data}: expected "
+                          f"{', '.join(peftjax.data.GENERAL_TEXTS)} or a .txt file")
+      if not Path(a.general_data).is_file():
+        raise _UsageError(f"peftjax {a.cmd}: error: --general-data {a.general_data} does not "
+                          f"exist")
   if a.validation is not None and (kind == "lm" or a.eval_data is not None):
     raise _UsageError(f"peftjax {a.cmd}: error: --validation holds out part of classification "
                       f"training data; it cannot be used with "
@@ -566,6 +590,7 @@ def _run_record(a) -> dict:
   # Local paths are stored absolute, so eval/merge/export of the run work from any directory.
   return {"model": _abs_path("model", a.model), "data": _abs_path("data", a.data),
           "eval_data": _abs_path("eval_data", a.eval_data), "kind": kind,
+          "general_data": _abs_path("general_data", a.general_data),
           "validation": a.validation,
           "method": method.name, "options": _options_given(a, method),
           "seed": 0 if a.seed is None else a.seed,
@@ -580,7 +605,7 @@ def _run_record(a) -> dict:
           "cwd": os.getcwd(), "peftjax_version": peftjax.__version__}
 
 
-_SAME_RUN = ("model", "data", "eval_data", "validation", "method", "options", "seed", "seq_len",
+_SAME_RUN = ("model", "data", "eval_data", "general_data", "validation", "method", "options", "seed", "seq_len",
              "batch_size", "text_column", "label_column")
 BASELINE_FILE = "baseline.json"
 
@@ -786,8 +811,13 @@ def _cmd_train(a, main: bool) -> dict:
                         dataclasses.replace(cfg, handle_signals=True, label=method.name))
   except TrainInterrupted as e:
     raise _interrupted(a, e, out) from None
+  general = None
+  if task.general_batches is not None:
+    general = (evaluate(mtask.eval_fn, res.params, task.general_batches(),
+                        label="general text eval" if cfg.progress else None)["nll"],
+               float(rows[0]["general nll"]))
   rows.append(_row(method.name + (" + head" if with_head else ""), res.params,
-                   res.eval_metrics, lm, _step_seconds(res.history)))
+                   res.eval_metrics, lm, _step_seconds(res.history), general))
   table = _table(rows, list(rows[0]))
   print("\n" + table)
   if out is not None:
@@ -812,8 +842,12 @@ def _baseline_rows(a, task, cfg, lm: bool) -> list[dict]:
   rows = []
   base_metrics = evaluate(task.eval_fn, task.params, task.eval_batches(),
                           label="base model eval" if cfg.progress else None)
+  general = None
+  if task.general_batches is not None:
+    general = (evaluate(task.eval_fn, task.params, task.general_batches(),
+                        label="base general text eval" if cfg.progress else None)["nll"], None)
   rows.append(_row("base model" + ("" if lm else " (untrained head)"), task.params, base_metrics,
-                   lm))
+                   lm, general=general))
   if not lm and not a.no_baseline:
     probe = _with_head(task.params, task.head_targets)
     probe_loader = copy.copy(task.train_loader)  # its own position: the method starts afresh

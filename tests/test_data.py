@@ -44,3 +44,17 @@ def test_a_tokenizer_that_marks_each_call_gets_one_call():
   text = "line one\nline two\n" * 50
   np.testing.assert_array_equal(data_lib.tokenize_text(tok, text, chunk=16),
                                 tok(text)["input_ids"])
+
+
+def test_general_text_and_its_windows_spread_over_the_whole_text():
+  from peftjax import tasks
+  text = data_lib.general_text("speeches")
+  assert text.count("\n\n") >= 188 and "Madam Chairwoman" in text and 7e5 < len(text) < 8e5
+  ids = np.arange(10 * 9, dtype=np.int32)         # 10 windows of seq_len + 1 = 9 tokens
+  loader = tasks._spread_windows(ids, 4, 8, 2, what="t")
+  got = np.concatenate([b["input_ids"] for b in loader.epoch_iter()])
+  np.testing.assert_array_equal(got[:, 0], [0, 27, 54, 81])   # windows 0, 3, 6 and 9
+  with pytest.raises(ValueError, match="t: 90 tokens make 10 windows of 9 tokens; 11 are needed"):
+    tasks._spread_windows(ids, 11, 8, 2, what="t")
+  with pytest.raises(ValueError, match="unknown general text 'nope'"):
+    data_lib.general_text("nope")
