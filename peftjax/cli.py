@@ -1131,7 +1131,8 @@ def cmd_serve(a):
     raise _UsageError(f"--adapter {base_name!r} has the base model's name; rename it")
   with _user_input():
     path = tasks.resolve_model(a.model)
-    model, params, tok = from_pretrained(path, quantize=a.quantize)
+    model, params, tok = from_pretrained(path, quantize=a.quantize,
+                                         scan_layers=_served_layout(sources))
   if tok is None:
     raise _UsageError(f"{a.model}: the model has no tokenizer; serve needs one to read prompts "
                       f"and write text")
@@ -1153,6 +1154,37 @@ def cmd_serve(a):
   print(f"peftjax serve: {base_name} with adapters {list(sources) or 'none'}: {a.slots} slots "
         f"of {a.max_len} tokens on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
   serve.serve(engine, host=a.host, port=a.port, log_level=a.log_level)
+
+
+def _stacked(d: Path) -> Optional[bool]:
+  """Whether a peftjax adapter checkpoint was saved on stacked layers (``layers/...``: a
+  ``scan_layers`` model, as `peftjax train` trains language models) or per layer
+  (``layers_0/...``); None for an HF PEFT directory, which loads onto either."""
+  from peftjax.io.checkpoint import read_manifest
+  from peftjax.io.hf_peft import ADAPTER_CONFIG
+  if (d / ADAPTER_CONFIG).is_file():
+    return None
+  with _user_input():
+    base = read_manifest(d).get("base") or {}
+  leaves = base.get("leaves") or {} if isinstance(base, dict) else {}
+  if any(p.startswith("layers/") for p in leaves):
+    return True
+  if any(re.match(r"layers_\d+/", p) for p in leaves):
+    return False
+  return None
+
+
+def _served_layout(sources: dict) -> bool:
+  """``scan_layers`` for the served base: the layout the adapters were saved on (one for all)."""
+  layouts = {n: _stacked(d) for n, d in sources.items()}
+  stacked = sorted(n for n, v in layouts.items() if v)
+  per_layer = sorted(n for n, v in layouts.items() if v is False)
+  if stacked and per_layer:
+    raise _UsageError(f"--adapter {', '.join(stacked)} {'was' if len(stacked) == 1 else 'were'} "
+                      f"saved on stacked layers (a scan_layers model, as `peftjax train` trains "
+                      f"language models) and {', '.join(per_layer)} per layer; serve adapters "
+                      f"of one layout at a time")
+  return bool(stacked)
 
 
 def _read_onto(params, d: Path):
@@ -1281,6 +1313,9 @@ def main(argv=None) -> int:
   SIGINT/SIGTERM (training saves a checkpoint and the adapter first)."""
   import signal
   import threading
+  # transformers' advice that PyTorch is missing ("Models won't be available") is about its own
+  # PyTorch models, which peftjax never uses: a plain install would print it on every command
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   ap = build_parser()
   cmd = "peftjax"
   old_term = None

@@ -443,3 +443,23 @@ def test_base_model_only_in_process(files):
   finally:
     engine.stop()
   assert not engine.thread.is_alive()
+
+
+def test_serve_loads_the_base_in_the_layout_the_adapters_were_saved_on(files, tmp_path, capsys):
+  """`peftjax train` trains language models on stacked layers (scan_layers): serving such a run
+  loads the base stacked too. Before, the base was always per layer and the adapter of every
+  LM training run was refused as "saved for a different base model"."""
+  from peftjax import cli
+  from peftjax.io.checkpoint import save_adapter
+  from peftjax.io.hf import from_pretrained
+  d = files[0]
+  _, stacked, _ = from_pretrained(d / "tiny", scan_layers=True)
+  save_adapter(tmp_path / "stacked", peftjax.lora.apply(stacked, rank=2, key=jax.random.key(0)))
+  assert cli._served_layout({"s": tmp_path / "stacked"}) is True
+  assert cli._served_layout({"d": d / "delta", "a": d / "alpha"}) is False   # HF PEFT: either
+  assert cli._served_layout({"a": d / "alpha"}) is False
+  tree = cli._read_onto(stacked, tmp_path / "stacked")
+  assert tree["layers"]["self_attn"]["q_proj"]["kernel"].a.shape[0] == CFG.num_layers
+  with pytest.raises(cli._UsageError, match="--adapter s was saved on stacked layers .* and d "
+                                            "per layer; serve adapters of one layout"):
+    cli._served_layout({"s": tmp_path / "stacked", "d": d / "delta"})
