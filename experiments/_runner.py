@@ -182,8 +182,8 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
   (several rates), ``a.validation`` > 0 and ``score`` (``row -> number``, higher is better), each
   rate first trains with seed 0 on the training data less a held-out ``a.validation`` fraction
   (``peftjax train --validation``) and is scored there; the test split is never used to choose.
-  The chosen rate (without a sweep: the method's default, ``peftjax train`` without ``--lr``)
-  then trains ``a.seeds`` times (seeds 0, 1,
+  The chosen rate (a single rate, not a grid: that rate; a grid without a sweep: the method's
+  default, ``peftjax train`` without ``--lr``) then trains ``a.seeds`` times (seeds 0, 1,
   ...) and is evaluated on the test split: the row keeps the seed-0 run's measurements and adds
   ``grid`` (rate -> validation score), ``seed_rows`` (each seed's result row) and ``lr``.
   ``write(out, a, machine, results, base, final=False)`` rewrites the report after every method
@@ -222,6 +222,8 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
         print(f"   lr {lr:g}: {scores[f'{lr:g}']}", flush=True)
       ok = {k: v for k, v in scores.items() if v is not None}
       lr = float(max(ok, key=ok.get)) if ok else grid[0]
+    elif not isinstance(lrs, (tuple, list)):
+      lr = lrs   # the experiment's one rate for this method (compare_lm.py's METHODS)
     else:
       lr = None  # not swept: the method's default rate (peftjax train without --lr)
     runs = []

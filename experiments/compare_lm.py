@@ -49,6 +49,8 @@ def main(argv=None):
                   help="only rebuild the .md and plot from OUT/compare_lm.json")
   ap.add_argument("--resume", action="store_true",
                   help="keep the methods already in OUT/compare_lm.json (same settings) and run the rest")
+  ap.add_argument("--rerun", action="store_true",
+                  help="with --resume: run the --methods again, keep the other rows")
   a = ap.parse_args(argv)
   names = [m for m in a.methods.split(",") if m]
   for n in names:
