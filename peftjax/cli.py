@@ -1157,21 +1157,14 @@ def cmd_serve(a):
 
 
 def _stacked(d: Path) -> Optional[bool]:
-  """Whether a peftjax adapter checkpoint was saved on stacked layers (``layers/...``: a
-  ``scan_layers`` model, as `peftjax train` trains language models) or per layer
-  (``layers_0/...``); None for an HF PEFT directory, which loads onto either."""
-  from peftjax.io.checkpoint import read_manifest
+  """The layers' layout an adapter directory was saved on (``checkpoint.stacked_layers``);
+  None for an HF PEFT directory, which loads onto either."""
+  from peftjax.io.checkpoint import stacked_layers
   from peftjax.io.hf_peft import ADAPTER_CONFIG
   if (d / ADAPTER_CONFIG).is_file():
     return None
   with _user_input():
-    base = read_manifest(d).get("base") or {}
-  leaves = base.get("leaves") or {} if isinstance(base, dict) else {}
-  if any(p.startswith("layers/") for p in leaves):
-    return True
-  if any(re.match(r"layers_\d+/", p) for p in leaves):
-    return False
-  return None
+    return stacked_layers(d)
 
 
 def _served_layout(sources: dict) -> bool:

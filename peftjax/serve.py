@@ -188,6 +188,15 @@ class Engine:
       d = d / "adapter"
     if not d.exists():
       raise FileNotFoundError(2, "no such adapter directory", str(d))
+    from peftjax.io.checkpoint import stacked_layers
+    from peftjax.io.hf_peft import ADAPTER_CONFIG
+    here = bool(getattr(self.model, "scan_layers", False))
+    saved = None if (d / ADAPTER_CONFIG).is_file() else stacked_layers(d)
+    if saved is not None and saved != here:
+      layout = lambda stacked: "stacked layers" if stacked else "per-layer weights"
+      raise ValueError(f"{d}: the adapter was saved on {layout(saved)} and this server's base "
+                       f"has {layout(here)}; restart the server with it among its --adapter "
+                       f"options (the base then loads in the adapters' layout)")
     return multi._read_adapter(self.params, d)
 
   def load(self, name: str, tree):

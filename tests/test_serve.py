@@ -463,3 +463,10 @@ def test_serve_loads_the_base_in_the_layout_the_adapters_were_saved_on(files, tm
   with pytest.raises(cli._UsageError, match="--adapter s was saved on stacked layers .* and d "
                                             "per layer; serve adapters of one layout"):
     cli._served_layout({"s": tmp_path / "stacked", "d": d / "delta"})
+  # loaded at run time onto a server of the other layout: said so, not "another base model"
+  import types
+  from peftjax import serve
+  engine = types.SimpleNamespace(has_pool=True, model=files[1], params=None)
+  with pytest.raises(ValueError, match="saved on stacked layers and this server's base has "
+                                       "per-layer weights; restart the server"):
+    serve.Engine.read_adapter(engine, tmp_path / "stacked")

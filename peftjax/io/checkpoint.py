@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import os
 from pathlib import Path
 from typing import Optional
@@ -47,7 +48,7 @@ from peftjax.io.hf_peft import safe_join
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CorruptCheckpoint", "adapter_manifest",
            "base_fingerprint", "save_adapter", "restore_adapter", "read_manifest",
-           "TrainCheckpointer"]
+           "stacked_layers", "TrainCheckpointer"]
 
 FORMAT = "peftjax-adapter"
 #: Written by this peftjax: node types by ``type_id``.
@@ -541,6 +542,22 @@ def read_manifest(path: str | os.PathLike, *, name: Optional[str] = None) -> dic
     raise CorruptCheckpoint(f"{f}: corrupt manifest ({e})") from None
   _check_manifest(manifest, str(directory))
   return manifest
+
+
+def stacked_layers(path: str | os.PathLike) -> Optional[bool]:
+  """Whether the adapter checkpoint at ``path`` was saved on a model with stacked layers
+  (``layers/...`` leaves: ``scan_layers=True``, as `peftjax train` trains language models), per
+  layer (``layers_0/...``), or neither (None: no layer leaves).
+
+  Raises:
+    ValueError: not a peftjax adapter checkpoint.
+  """
+  leaves = (read_manifest(path).get("base") or {}).get("leaves") or {}
+  if any(p.startswith("layers/") for p in leaves):
+    return True
+  if any(re.match(r"layers_\d+/", p) for p in leaves):
+    return False
+  return None
 
 
 def _check_manifest(manifest, where: str):
