@@ -129,8 +129,11 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
         "worse at general text; below 0, the tuning helped it too.",
         "- *load*: the machine's 1-minute load average when the method's process started and "
         "ended (2 CPUs): rows run at different loads, so compare their step times with care.",
-        "- Prefix tuning at lr 1e-2 diverged (training loss 4.2 -> 9.3 by step 30); the same "
-        "method at 1e-3 is the `prefix-lr1e-3` row. Reported as measured.",
+        *[f"- `{r['name']}` at lr {r['lr']:g} diverged: its training loss went from "
+          f"{r['loss_first']:.2f} to {r['loss_last']:.2f} (first and last logged steps). "
+          f"Reported as measured." for r in results
+          if "error" not in r and base_ppl and r["perplexity"] > 10 * base_ppl
+          and r.get("loss_first") is not None],
         "- LoRA/QLoRA: r=8, alpha=16 on all seven linear layers of every block. Prefix: 20 "
         "key/value prefixes per layer through the reparameterization MLP (hidden 512). Prompt: 20 "
         "soft tokens initialized from vocabulary embeddings.",

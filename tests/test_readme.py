@@ -23,12 +23,17 @@ def test_quickstart_job_loss_falls():
 
 
 def test_readme_tables_are_the_committed_json():
-  """The README's classification and performance tables are generated from the committed JSON."""
+  """The README's result and performance tables, and docs/methods.md's "Measured" paragraphs,
+  are generated from the committed JSON."""
   sys.path.insert(0, str(ROOT / "experiments"))
   import readme_tables
   text = (ROOT / "README.md").read_text()
   assert readme_tables.render_all(text) == text, (
       "README.md's generated tables differ from the JSON: run python experiments/readme_tables.py")
+  for path, new in readme_tables.render_docs().items():
+    assert new == path.read_text(), (
+        f"{path.name}'s generated paragraphs differ from the JSON: run python "
+        f"experiments/readme_tables.py")
 
 
 def test_readme_quotes_no_speed_figure_outside_the_generated_block():
