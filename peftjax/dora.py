@@ -119,7 +119,7 @@ class DoraWeight(Node):
       t = lax.dot_general(xd, a2, (((xd.ndim - 1,), (0,)), ((), ())), **kw)
       t = t * jnp.asarray(node.scale, t.dtype)
       upd = lax.dot_general(t, b2, (((t.ndim - 1,), (0,)), ((), ())), **kw).astype(y.dtype)
-      f = f.astype(y.dtype)
+      f = f.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
       if xd is x2:
         return ((y + upd) * f).astype(y.dtype)
       yd = variants.base_dot(xd, node.w, node.n_in, **kw)

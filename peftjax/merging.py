@@ -145,7 +145,7 @@ def _disjoint(stacked, weighted, majority_sign_method: str):
   sign = jnp.sign(stacked)
   total = stacked.sum(0) if majority_sign_method == "total" else sign.sum(0)
   elected = jnp.where(total >= 0, 1.0, -1.0)
-  agree = sign == elected
+  agree = sign == elected[None]
   kept = jnp.where(agree, weighted, 0).sum(0)
   return kept / jnp.maximum(agree.sum(0), 1).astype(kept.dtype)
 

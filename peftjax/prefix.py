@@ -78,8 +78,8 @@ class PrefixMLP(Node):
     return self.w2.dtype
 
   def materialize(self):
-    h = jnp.tanh(self.embedding @ self.w1 + self.b1)
-    out = h @ self.w2 + self.b2                                    # [p, L * 2 * kvh * hd]
+    h = jnp.tanh(self.embedding @ self.w1 + self.b1[None])
+    out = h @ self.w2 + self.b2[None]                                   # [p, L * 2 * kvh * hd]
     out = out.reshape(self.embedding.shape[0], self.layers, 2, self.kv_heads, self.head_dim)
     return jnp.transpose(out, (1, 2, 0, 3, 4))
 

@@ -45,13 +45,13 @@ ENCODERS = ("mlp", "lstm")
 
 
 def _linear(x, p, name):
-  return x @ p[f"{name}_w"] + p[f"{name}_b"]
+  return x @ p[f"{name}_w"] + p[f"{name}_b"][None]
 
 
 def _lstm_direction(x, p, reverse: bool):
   """One LSTM direction over ``x [p, in]`` -> ``[p, h]``; gates ordered (i, f, g, o)."""
   h_dim = p["w_hh"].shape[0]
-  gates_x = x @ p["w_ih"] + p["b"]                            # [p, 4h]
+  gates_x = x @ p["w_ih"] + p["b"][None]                           # [p, 4h]
 
   def step(carry, g):
     h, c = carry

@@ -73,9 +73,9 @@ class VeraWeight(Node):
     nb = self.n_batch
 
     def one(a, b, d, lb):
-      a2 = a.reshape(-1, a.shape[-1]).astype(jnp.float32) * d.astype(jnp.float32)
+      a2 = a.reshape(-1, a.shape[-1]).astype(jnp.float32) * d.reshape(1, -1).astype(jnp.float32)
       b2 = b.reshape(b.shape[0], -1).astype(jnp.float32)
-      return jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST) * lb.reshape(-1).astype(
+      return jnp.matmul(a2, b2, precision=lax.Precision.HIGHEST) * lb.reshape(1, -1).astype(
           jnp.float32)
 
     d = variants.per_layer(one, nb, self.a, self.b, self.lambda_d, self.lambda_b)
@@ -94,9 +94,9 @@ class VeraWeight(Node):
       b2 = node.b.reshape(r, -1).astype(x2.dtype)
       y = variants.base_dot(x2, node.w, node.n_in, **kw)
       t = lax.dot_general(x2, a2, (((x2.ndim - 1,), (0,)), ((), ())), **kw)
-      t = t * node.lambda_d.astype(t.dtype)
+      t = t * node.lambda_d.astype(t.dtype).reshape((1,) * (t.ndim - 1) + (-1,))
       u = lax.dot_general(t, b2, (((t.ndim - 1,), (0,)), ((), ())), **kw)
-      u = u * node.lambda_b.reshape(-1).astype(u.dtype)
+      u = u * node.lambda_b.reshape((1,) * (u.ndim - 1) + (-1,)).astype(u.dtype)
       return y + u.astype(y.dtype)
 
     out = variants.plain_dot(self, x, dimension_numbers, rule)

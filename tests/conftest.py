@@ -14,9 +14,10 @@ def rng():
   return jax.random.key(0)
 
 
-#: Test modules that run with ``jax_numpy_dtype_promotion="strict"``, as equinox's tests do: the
-#: node, ``lift`` and method code must cast explicitly (f32 adapters on bf16 bases, int codes,
-#: masks). A test that steps an optax optimizer (Adam's bias correction raises a Python float to
+#: Test modules that run with ``jax_numpy_dtype_promotion="strict"`` and
+#: ``jax_numpy_rank_promotion="raise"``, as equinox's tests do: the node, ``lift``, method and
+#: model code must cast explicitly (f32 adapters on bf16 bases, int codes, masks) and broadcast
+#: explicitly (a bias or scale ``[d]`` against ``[..., d]`` is reshaped first). A test that steps an optax optimizer (Adam's bias correction raises a Python float to
 #: an int32 count) or runs a Flax test model mixing parameter and compute dtypes opts out with
 #: ``@pytest.mark.standard_promotion``.
 STRICT_MODULES = {
@@ -33,5 +34,5 @@ def _strict_dtype_promotion(request):
   if not strict:
     yield
     return
-  with jax.numpy_dtype_promotion("strict"):
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
     yield

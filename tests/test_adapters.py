@@ -81,8 +81,10 @@ def adapters_by_module(tree):
 def reference_adapter(node, x, y):
   """The adapter written out by hand: serial on y = x @ W, parallel on x."""
   f = ACTIVATIONS[node.activation]
-  h = f((x if node.parallel else y) @ node.down + node.down_bias)
-  return y + node.scale * (h @ node.up + node.up_bias)
+  z = (x if node.parallel else y) @ node.down
+  h = f(z + node.down_bias.reshape((1,) * (z.ndim - 1) + (-1,)))
+  u = h @ node.up
+  return y + node.scale * (u + node.up_bias.reshape((1,) * (u.ndim - 1) + (-1,)))
 
 
 def reference_apply(model, tree, *args, **kwargs):
@@ -98,7 +100,8 @@ def reference_apply(model, tree, *args, **kwargs):
       (x,) = args_
       v = mod.variables["params"]
       out = reference_adapter(nodes[mod.path], x, x @ v["kernel"])
-      return out + v["bias"] if "bias" in v else out
+      return (out + v["bias"].reshape((1,) * (out.ndim - 1) + (-1,)) if "bias" in v
+              else out)
     return next_fun(*args_, **kwargs_)
 
   with nn.intercept_methods(interceptor):

@@ -93,9 +93,9 @@ def test_lift_matches_merge_no_jit():
             "fc2": {"kernel": jax.random.normal(k2, (8, 3)), "bias": jnp.zeros(3)}}
 
   def fn(p, x):
-    h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
-    h = (h - h.mean(-1, keepdims=True)) * p["ln"]["scale"] + p["ln"]["bias"]
-    return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    h = jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"][None])
+    h = (h - h.mean(-1, keepdims=True)) * p["ln"]["scale"][None] + p["ln"]["bias"][None]
+    return h @ p["fc2"]["kernel"] + p["fc2"]["bias"][None]
   g = check_lift_vs_merge(fn, _bump(peftjax.bitfit.apply(params)), (jnp.ones((2, 6)),),
                            lambda y: jnp.sum(jnp.sin(y)), use_jit=False)
   assert len(jax.tree.leaves(g)) == 3

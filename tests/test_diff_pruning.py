@@ -32,7 +32,7 @@ def mlp(p, x):
 
 def stacked_fn(p, x):
   """A layer-stacked model: scan over [L, d, d] kernels, then a head."""
-  h, _ = lax.scan(lambda h, l: (jnp.tanh(h @ l["kernel"] + l["bias"]), None), x, p["layers"])
+  h, _ = lax.scan(lambda h, l: (jnp.tanh(h @ l["kernel"] + l["bias"][None]), None), x, p["layers"])
   return h @ p["head"]["kernel"]
 
 

@@ -89,7 +89,7 @@ def test_lift_matches_merge_no_jit():
             "head": {"kernel": jax.random.normal(k2, (8, 4))}}
 
   def fn(p, x):
-    h, _ = jax.lax.scan(lambda h, l: (jnp.tanh(h @ l["w"] + l["b"]), None), x, p["layers"])
+    h, _ = jax.lax.scan(lambda h, l: (jnp.tanh(h @ l["w"] + l["b"][None]), None), x, p["layers"])
     return h @ p["head"]["kernel"]
   x = jnp.ones((2, 8))
   for tuned in (peftjax.partial.apply(params, layers=[1]),

@@ -51,7 +51,7 @@ def bert():
 
 def hand_prefix(n):
   """Li & Liang's MLP written out: [L, 2, p, kv_heads, head_dim]."""
-  h = jnp.tanh(n.embedding @ n.w1 + n.b1) @ n.w2 + n.b2               # [p, L*2*kvh*hd]
+  h = jnp.tanh(n.embedding @ n.w1 + n.b1[None]) @ n.w2 + n.b2[None]              # [p, L*2*kvh*hd]
   return h.reshape(P, n.layers, 2, n.kv_heads, n.head_dim).transpose(1, 2, 0, 3, 4)
 
 

@@ -123,7 +123,7 @@ def test_dora_norm_is_a_constant_in_the_backward_pass():
   def reference(b):  # NumPy-style formula with the norm detached by hand
     V = W + node.scale * node.a @ b
     n = jax.lax.stop_gradient(jnp.linalg.norm(V, axis=0))
-    return jnp.sum(jnp.sin(x @ (node.magnitude * V / n)))
+    return jnp.sum(jnp.sin(x @ (node.magnitude[None] * V / n[None])))
 
   got = jax.grad(lambda b: jnp.sum(jnp.sin(peftjax.lift(lambda w: x @ w)(node.replace(b=b)))))(
       node.b)
@@ -158,7 +158,7 @@ def test_dora_dropout_is_hf_peft_s():
   keep = jax.random.bernoulli(jax.random.wrap_key_data(node.dropout_key), 0.5, x.shape)
   xd = jnp.where(keep, 2 * x, 0)
   V = W + node.scale * node.a @ node.b
-  f = node.magnitude / jnp.linalg.norm(V, axis=0)
+  f = (node.magnitude / jnp.linalg.norm(V, axis=0))[None]
   want = x @ W + (f - 1) * (xd @ W) + f * (node.scale * (xd @ node.a) @ node.b)
   got = peftjax.lift(lambda t: x @ t["q_proj"]["kernel"])(tree)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

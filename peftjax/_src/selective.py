@@ -186,7 +186,7 @@ class SparseDelta(Node):
     xt = jnp.transpose(x, x_free + list(lc))
     xt = xt.reshape(*xt.shape[:len(x_free)], math.prod(shape[d] for d in rc))
     contrib = xt.at[..., c_idx].get(mode="promise_in_bounds")              # [*x_free, k]
-    contrib = contrib * self.values.astype(x.dtype)
+    contrib = contrib * self.values.astype(x.dtype).reshape((1,) * (contrib.ndim - 1) + (-1,))
     out = jnp.zeros((*xt.shape[:-1], math.prod(shape[d] for d in free)), contrib.dtype)
     out = out.at[..., f_idx].add(contrib, mode="promise_in_bounds")
     out = out.reshape(*xt.shape[:-1], *(shape[d] for d in free))

@@ -56,7 +56,8 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     # Hugging Face: weight * hidden.to(input_dtype) -- cast before scaling.
-    return (jnp.asarray(scale, self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+    scale = jnp.asarray(scale, self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (scale * x32.astype(self.dtype)).astype(self.dtype)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
