@@ -201,9 +201,9 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
   if a.report:
     write(out, a, json.loads(path.read_text()).get("machine", info), results, base, final=True)
     return
-  if getattr(a, "rerun", False):  # --resume --rerun --methods A,B: keep the others, redo A and B
-    results = [r for r in results if r["name"] not in names]
   done = {r["name"] for r in results}
+  if getattr(a, "rerun", False):  # --resume --rerun --methods A,B: keep the others, redo A and B
+    done -= set(names)            # (each old row stays until its new one is written)
   logs = out / "logs" / experiment
   validation, seeds = getattr(a, "validation", 0) or 0, max(1, getattr(a, "seeds", 1) or 1)
   for n in names:
@@ -241,7 +241,7 @@ def run_all(experiment: str, a, methods: dict, names: list[str], common: list[st
     r["seed_rows"] = [x.get("row") for x in runs if "error" not in x]
     r["seeds_failed"] = [x["error"] for x in runs if "error" in x]
     print({k: v for k, v in r.items() if k not in ("base_row", "row")}, flush=True)
-    results.append(r)
+    results = [x for x in results if x["name"] != n] + [r]
     results.sort(key=lambda r: list(methods).index(r["name"]))
     write(out, a, info, results, base)
   write(out, a, info, results, base, final=True)

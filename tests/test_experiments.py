@@ -35,3 +35,28 @@ def test_a_single_rate_is_passed_a_grid_is_swept_or_left_to_the_default(monkeypa
                     score=lambda row: float(row["test accuracy"].rstrip("%")))
     got = {n: [lr_of(args) for name, args in calls if name.startswith(n)] for n in methods}
     assert got == want, validation
+
+
+def test_rerun_keeps_each_old_row_until_its_new_one_is_written(monkeypatch, tmp_path):
+  """A stopped `--resume --rerun` must not lose the rows it had not redone yet."""
+  written = []
+  monkeypatch.setattr(_runner, "machine", lambda: {})
+  monkeypatch.setattr(_runner, "resume", lambda path, a, names: (
+      [{"name": "a", "old": True}, {"name": "b", "old": True}], None))
+
+  def fake_run(name, args, *, base_metrics=None, log_dir=None):
+    if name == "b":
+      raise KeyboardInterrupt   # stopped while redoing b
+    return {"name": name, "row": {}}
+
+  monkeypatch.setattr(_runner, "run_method", fake_run)
+  a = argparse.Namespace(out=str(tmp_path), resume=True, rerun=True, report=False, steps=1,
+                         validation=0, seeds=1)
+  methods = {"a": ("lora", [], 1e-3, ""), "b": ("lora", [], 1e-3, "")}
+  try:
+    _runner.run_all("t", a, methods, ["a", "b"], [],
+                    lambda out, a, info, results, base, final=False: written.append(
+                        [(r["name"], r.get("old", False)) for r in results]))
+  except KeyboardInterrupt:
+    pass
+  assert written[-1] == [("a", False), ("b", True)]
