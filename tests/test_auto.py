@@ -155,6 +155,7 @@ def finetune(budget, unit, seed, steps=100):
   return out
 
 
+@pytest.mark.newest_only
 @pytest.mark.parametrize("unit", ["element"])  # rows and leaves: experiments/auto_select.py
 def test_auto_beats_random_selection_of_equal_budget(unit):
   runs = [finetune(256, unit, seed) for seed in range(3)]

@@ -7,6 +7,8 @@ import os
 import sys
 from contextlib import redirect_stdout
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH)
 
@@ -41,6 +43,7 @@ def _record(name, case, result):
           "round": 0, "ok": True, "result": result}
 
 
+@pytest.mark.newest_only
 def test_peftjax_cases_aggregate_and_report(tmp_path):
   # LoRA only: QLoRA and full fine-tuning take the same path (another tree, the same step) and
   # each costs another compile; `run.py --quick` runs them all.

@@ -223,6 +223,7 @@ def _npz(path) -> list:
 # tests
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.newest_only
 @pytest.mark.standard_promotion  # optax's Adam steps an int32 count with float powers
 def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_counts(tmp_path):
   from peftjax.io.checkpoint import restore_adapter, save_adapter
