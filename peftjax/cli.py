@@ -605,8 +605,8 @@ def _run_record(a) -> dict:
           "cwd": os.getcwd(), "peftjax_version": peftjax.__version__}
 
 
-_SAME_RUN = ("model", "data", "eval_data", "general_data", "validation", "method", "options", "seed", "seq_len",
-             "batch_size", "text_column", "label_column")
+_SAME_RUN = ("model", "data", "eval_data", "general_data", "validation", "method", "options",
+             "seed", "seq_len", "batch_size", "text_column", "label_column")
 BASELINE_FILE = "baseline.json"
 
 
@@ -811,11 +811,9 @@ def _cmd_train(a, main: bool) -> dict:
                         dataclasses.replace(cfg, handle_signals=True, label=method.name))
   except TrainInterrupted as e:
     raise _interrupted(a, e, out) from None
-  general = None
-  if task.general_batches is not None:
-    general = (evaluate(mtask.eval_fn, res.params, task.general_batches(),
-                        label="general text eval" if cfg.progress else None)["nll"],
-               float(rows[0]["general nll"]))
+  general = _general_nll(task, mtask.eval_fn, res.params, cfg)
+  if general is not None:
+    general = (general, float(rows[0]["general nll"]))
   rows.append(_row(method.name + (" + head" if with_head else ""), res.params,
                    res.eval_metrics, lm, _step_seconds(res.history), general))
   table = _table(rows, list(rows[0]))
@@ -837,17 +835,22 @@ def _trains_pooler(task) -> bool:
               and "pooler" in task.params)
 
 
+def _general_nll(task, eval_fn, tree, cfg) -> Optional[float]:
+  """``tree``'s NLL on the task's general text (``--general-data``), or None without one."""
+  if task.general_batches is None:
+    return None
+  return evaluate(eval_fn, tree, task.general_batches(),
+                  label="general text eval" if cfg.progress else None)["nll"]
+
+
 def _baseline_rows(a, task, cfg, lm: bool) -> list[dict]:
   """The base model's row and, for classification, the linear probe's."""
   rows = []
   base_metrics = evaluate(task.eval_fn, task.params, task.eval_batches(),
                           label="base model eval" if cfg.progress else None)
-  general = None
-  if task.general_batches is not None:
-    general = (evaluate(task.eval_fn, task.params, task.general_batches(),
-                        label="base general text eval" if cfg.progress else None)["nll"], None)
+  general = _general_nll(task, task.eval_fn, task.params, cfg)
   rows.append(_row("base model" + ("" if lm else " (untrained head)"), task.params, base_metrics,
-                   lm, general=general))
+                   lm, general=None if general is None else (general, None)))
   if not lm and not a.no_baseline:
     probe = _with_head(task.params, task.head_targets)
     probe_loader = copy.copy(task.train_loader)  # its own position: the method starts afresh
@@ -1156,20 +1159,11 @@ def cmd_serve(a):
   serve.serve(engine, host=a.host, port=a.port, log_level=a.log_level)
 
 
-def _stacked(d: Path) -> Optional[bool]:
-  """The layers' layout an adapter directory was saved on (``checkpoint.stacked_layers``);
-  None for an HF PEFT directory, which loads onto either."""
-  from peftjax.io.checkpoint import stacked_layers
-  from peftjax.io.hf_peft import ADAPTER_CONFIG
-  if (d / ADAPTER_CONFIG).is_file():
-    return None
-  with _user_input():
-    return stacked_layers(d)
-
-
 def _served_layout(sources: dict) -> bool:
   """``scan_layers`` for the served base: the layout the adapters were saved on (one for all)."""
-  layouts = {n: _stacked(d) for n, d in sources.items()}
+  from peftjax import multi
+  with _user_input():
+    layouts = {n: multi.saved_layout(d) for n, d in sources.items()}
   stacked = sorted(n for n, v in layouts.items() if v)
   per_layer = sorted(n for n, v in layouts.items() if v is False)
   if stacked and per_layer:

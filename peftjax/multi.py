@@ -657,6 +657,18 @@ def _read_adapter(pool, adapter):
   return restore_adapter(path, base)
 
 
+def saved_layout(adapter) -> Optional[bool]:
+  """The layers' layout an adapter directory was saved on: True for stacked layers (a
+  ``scan_layers`` model, as `peftjax train` trains language models), False per layer, None for
+  an HF PEFT directory (it loads onto either) or an adapter without layer leaves."""
+  from peftjax.io.hf_peft import ADAPTER_CONFIG
+  path = Path(adapter)
+  if (path / ADAPTER_CONFIG).is_file():
+    return None
+  from peftjax.io.checkpoint import stacked_layers
+  return stacked_layers(path)
+
+
 def _set_slot(pool, k: int, name: Optional[str], nodes: dict):
   """``pool`` with slot ``k`` holding ``nodes`` (``{path: LoraWeight | IA3Weight}``) named
   ``name`` (None: an empty slot)."""

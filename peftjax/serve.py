@@ -188,10 +188,8 @@ class Engine:
       d = d / "adapter"
     if not d.exists():
       raise FileNotFoundError(2, "no such adapter directory", str(d))
-    from peftjax.io.checkpoint import stacked_layers
-    from peftjax.io.hf_peft import ADAPTER_CONFIG
     here = bool(getattr(self.model, "scan_layers", False))
-    saved = None if (d / ADAPTER_CONFIG).is_file() else stacked_layers(d)
+    saved = multi.saved_layout(d)
     if saved is not None and saved != here:
       layout = lambda stacked: "stacked layers" if stacked else "per-layer weights"
       raise ValueError(f"{d}: the adapter was saved on {layout(saved)} and this server's base "

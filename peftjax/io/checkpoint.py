@@ -29,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
