@@ -342,6 +342,7 @@ def test_a_sentence_transformers_pooler_trains_with_the_head_and_exports(capsys,
   np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
 
+@pytest.mark.newest_only
 def test_a_pissa_run_exports_as_lora_on_the_original_base(capsys, files, tmp_path):
   """PiSSA trains on a residual base; the export is HF PEFT's rank-2r LoRA on the original model,
   so PyTorch + HF PEFT on the unmodified checkpoint gives the merged run's logits."""
@@ -633,6 +634,7 @@ def test_a_data_file_that_is_not_utf8_is_named(capsys, files, tmp_path):
                   f"-f latin1 -t utf-8)")
 
 
+@pytest.mark.newest_only
 def test_sigint_during_training_saves_and_says_how_to_resume(files, tmp_path):
   """The real command in a subprocess: Ctrl-C after the first checkpoint finishes the step, writes
   a checkpoint and the adapter, prints one line and exits 130 without a traceback."""

@@ -22,6 +22,7 @@ from peftjax import diff_pruning as dp
 from test_cli import files, run  # noqa: F401  (the tiny HF directories and the CLI runner)
 
 
+@pytest.mark.newest_only
 def test_diff_pruning_cli_projects_trains_the_sparse_difference_and_restores(capsys, files,
                                                                              tmp_path):
   out = tmp_path / "run"

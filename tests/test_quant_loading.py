@@ -160,6 +160,7 @@ _PEAK = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+@pytest.mark.newest_only
 def test_loading_never_holds_the_f32_model(tmp_path):
   """Peak RSS growth while loading, in a fresh process: quantized loading stays far below the
   float32 model's size (a loader that built the f32 tree first would need all of it), and f32

@@ -180,6 +180,7 @@ def stats(server):
 # the slot functions (no server)
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.newest_only
 def test_slots_decode_each_row_as_generate_does(files, spawned):
   """Rows at different lengths, with different adapters, prefilled into arbitrary rows at
   different times, decoded in shared steps: each equals its own generate() token for token."""
