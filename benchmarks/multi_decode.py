@@ -126,6 +126,90 @@ def loaded(load_max: float | None, threshold: float = 2.0) -> bool:
   return load_max is not None and load_max > threshold
 
 
+# -- tables (README and docs/benchmarks.md, generated from the JSON) ----------------------------
+
+DOC_BEGIN, DOC_END = "<!-- multi_decode:begin -->", "<!-- multi_decode:end -->"
+RESULTS = os.path.join(HERE, "results", "multi-decode-cpu.json")
+
+
+def _run_line(results: dict) -> str:
+  meta = results["meta"]
+  s, v = meta["shape"], meta.get("versions", {})
+  lm = meta.get("load_max_1min")
+  return (f"Run {meta['started'][:10]}, {meta['cpu_count']} CPU cores ({meta['threads']} threads), "
+          f"f32; Llama vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, "
+          f"{s['heads']} heads, FFN {s['ffn']}; LoRA r={s['rank']}, alpha {s['alpha']} on the "
+          f"seven linear layers; {s['batch']} rows, {s['steps']} timed decode steps after "
+          f"{s['prompt']} untimed; {meta['rounds']} interleaved rounds; jax {v.get('jax', '?')}, "
+          f"PyTorch {v.get('torch', '?')}, peft {v.get('peft', '?')}; 1-min load "
+          f"{meta['load_start'][0]} at the start, max {lm}"
+          + (" (**loaded: above 2, figures are noisy**)" if meta.get("loaded") else "") + ".")
+
+
+def readme_table(results: dict) -> str:
+  """The README's short table: tokens/s by adapter count, peftjax pool vs HF PEFT, and goals."""
+  c, r = results["cases"], results["ratios"]
+  counts = results["meta"]["adapter_counts"]
+  tps = lambda n: (c.get(n) or {}).get("tokens_per_s")
+  fmt = lambda x: "–" if x is None else f"{x:,.0f}"
+  ratio = lambda k: "–" if k not in r else f"{r[k]['value']:.2f}x"
+  L = [_run_line(results), "",
+       "| adapters in the batch | peftjax pool tokens/s | vs 1-adapter pool | vs base | "
+       "HF PEFT `adapter_names` tokens/s | peftjax / HF PEFT |", "|---|---|---|---|---|---|"]
+  for n in counts:
+    L.append(f"| {n}{' (32 distinct per batch)' if n > results['meta']['shape']['batch'] else ''}"
+             f" | {fmt(tps(f'pool_{n}'))} | {ratio(f'{n} adapters / 1-adapter pool')} | "
+             f"{ratio(f'{n} adapters / base')} | {fmt(tps(f'torch_mixed_{n}'))} | "
+             f"{ratio(f'{n} adapters / HF PEFT mixed batch')} |")
+  L.append(f"| base alone / one plain LoRA (lifted) / merged | {fmt(tps('base'))} / "
+           f"{fmt(tps('lora'))} / {fmt(tps('merged'))} | | | {fmt(tps('torch_base'))} / "
+           f"{fmt(tps('torch_lora'))} / – | |")
+  L += ["", "Goals (met only if every round's own ratio meets it):", ""]
+  for g in results["goals"]:
+    each = ", ".join(f"{x:.2f}" for x in g["rounds"])
+    L.append(f"- {g['name']} {g['op']} {g['target']}x: "
+             + ("not measured" if g["value"] is None else
+                f"{g['value']:.2f}x (rounds: {each}), **{goal_state(g)}**"))
+  return "\n".join(L)
+
+
+def doc_section(results: dict) -> str:
+  """docs/benchmarks.md's section: every case's tokens/s per round, every ratio per round."""
+  c, meta = results["cases"], results["meta"]
+  L = ["Decode tokens/s of one batch whose rows use different LoRA adapters "
+       "(`benchmarks/multi_decode.py`). peftjax: `peftjax.multi.stack` of N adapters, row i "
+       "routed to adapter i mod N, each step `peftjax.models.generate.decode_step` (the serve "
+       "engine's step); HF PEFT: N adapters loaded, `model(..., adapter_names=[...])` with a "
+       "`DynamicCache`, eager. With 64 adapters in the pool a 32-row batch holds 32 distinct "
+       "ones.", "", _run_line(results), "",
+       "| case | tokens/s (median) | each round |", "|---|---|---|"]
+  for n, v in sorted(c.items(), key=lambda kv: (kv[0].startswith("torch"), kv[0])):
+    each = ", ".join("–" if x is None else f"{x:,.0f}" for x in v["rounds"])
+    med = '–' if v['tokens_per_s'] is None else f"{v['tokens_per_s']:,.0f}"
+    L.append(f"| {n} | {med} | {each} |")
+  L += ["", "| ratio of tokens/s | medians | each round |", "|---|---|---|"]
+  for k, v in results["ratios"].items():
+    L.append(f"| {k} | {v['value']:.2f}x | "
+             + ", ".join("–" if x is None else f"{x:.2f}" for x in v["rounds"]) + " |")
+  L += ["", "| goal | measured | each round | target | result |", "|---|---|---|---|---|"]
+  for g in results["goals"]:
+    val = '–' if g['value'] is None else f"{g['value']:.2f}x"
+    L.append(f"| {g['name']} | {val}"
+             f" | {', '.join(f'{x:.2f}' for x in g['rounds']) or '–'} | {g['op']} {g['target']}x "
+             f"| {goal_state(g)} |")
+  L += ["", f"Raw results: `benchmarks/results/{os.path.basename(RESULTS)}`. Reproduce: "
+        "`.venv/bin/python benchmarks/multi_decode.py`."]
+  return "\n".join(L)
+
+
+def render_doc(text: str, results: dict) -> str:
+  """``text`` (docs/benchmarks.md) with its multi_decode block rendered from ``results``."""
+  if DOC_BEGIN not in text or DOC_END not in text:
+    raise SystemExit(f"docs/benchmarks.md has no {DOC_BEGIN} ... {DOC_END} block")
+  head, rest = text.split(DOC_BEGIN, 1)
+  return head + DOC_BEGIN + "\n" + doc_section(results) + "\n" + DOC_END + rest.split(DOC_END, 1)[1]
+
+
 # -- children ------------------------------------------------------------------------------------
 
 def _ids(n_adapters: int, batch: int) -> list[int]:
