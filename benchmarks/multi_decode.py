@@ -126,7 +126,7 @@ def loaded(load_max: float | None, threshold: float = 2.0) -> bool:
   return load_max is not None and load_max > threshold
 
 
-# -- tables (README and docs/benchmarks.md, generated from the JSON) ----------------------------
+# -- tables (README and docs/serving.md, generated from the JSON by experiments/readme_tables.py) ----------------------------
 
 DOC_BEGIN, DOC_END = "<!-- multi_decode:begin -->", "<!-- multi_decode:end -->"
 RESULTS = os.path.join(HERE, "results", "multi-decode-cpu.json")
@@ -174,7 +174,7 @@ def readme_table(results: dict) -> str:
 
 
 def doc_section(results: dict) -> str:
-  """docs/benchmarks.md's section: every case's tokens/s per round, every ratio per round."""
+  """docs/serving.md's section: every case's tokens/s per round, every ratio per round."""
   c, meta = results["cases"], results["meta"]
   L = ["Decode tokens/s of one batch whose rows use different LoRA adapters "
        "(`benchmarks/multi_decode.py`). peftjax: `peftjax.multi.stack` of N adapters, row i "
@@ -203,9 +203,9 @@ def doc_section(results: dict) -> str:
 
 
 def render_doc(text: str, results: dict) -> str:
-  """``text`` (docs/benchmarks.md) with its multi_decode block rendered from ``results``."""
+  """``text`` (docs/serving.md) with its multi_decode block rendered from ``results``."""
   if DOC_BEGIN not in text or DOC_END not in text:
-    raise SystemExit(f"docs/benchmarks.md has no {DOC_BEGIN} ... {DOC_END} block")
+    raise SystemExit(f"docs/serving.md has no {DOC_BEGIN} ... {DOC_END} block")
   head, rest = text.split(DOC_BEGIN, 1)
   return head + DOC_BEGIN + "\n" + doc_section(results) + "\n" + DOC_END + rest.split(DOC_END, 1)[1]
 

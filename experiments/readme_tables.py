@@ -154,12 +154,19 @@ def benchmark_block(results: dict) -> str:
   return report.readme_block(results)
 
 
+def multi_decode_block(results: dict) -> str:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import multi_decode
+  return multi_decode.readme_table(results)
+
+
 #: block name -> (its results JSON, relative to the root; the function that renders it).
 BLOCKS = {
     "compare_lm": ("experiments/results/compare_lm.json", lm_table),
     "compare_classification": ("experiments/results/compare_classification.json",
                                classification_table),
     "benchmarks": ("benchmarks/results/cpu.json", benchmark_block),
+    "multi_decode": ("benchmarks/results/multi-decode-cpu.json", multi_decode_block),
 }
 
 
@@ -186,8 +193,13 @@ def _results(name: str) -> dict:
 def render_docs() -> dict:
   """``{path: rendered text}`` of the docs with generated blocks."""
   path = ROOT / "docs" / "methods.md"
+  serving = ROOT / "docs" / "serving.md"
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import multi_decode
   return {path: render_methods_doc(path.read_text(), _results("compare_lm"),
-                                   _results("compare_classification"))}
+                                   _results("compare_classification")),
+          serving: multi_decode.render_doc(
+              serving.read_text(), json.loads((ROOT / multi_decode.RESULTS).read_text()))}
 
 
 def main(argv=None):
