@@ -509,3 +509,19 @@ def test_rope_scalings():
   l3 = rope_inv_freq(16, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
   assert l3[0] == base[0] and np.isclose(l3[-1], base[-1] / 8)  # short waves kept, long scaled
+
+
+@pytest.mark.parametrize("temps,top_ps", [([0.0, 0.0, 0.0, 0.0], [1.0, 0.5, 1.0, 0.9]),
+                                          ([0.0, 0.8, 1.3, 0.0], [1.0, 1.0, 1.0, 0.5]),
+                                          ([0.7, 0.0, 1.0, 0.5], [0.9, 1.0, 1.0, 0.3])])
+def test_slot_sampling_runs_only_what_rows_need_and_equals_each_row_alone(temps, top_ps):
+  """``_sample_rows`` skips the sampling (all greedy) and the nucleus (no ``top_p < 1``) by
+  ``lax.cond``; every row still equals ``sample_logits`` on that row alone, jitted or not."""
+  from peftjax.models.generate import _sample_rows, sample_logits
+  logits = jax.random.normal(jax.random.key(3), (4, 50)) * 3
+  keys = jax.random.split(jax.random.key(4), 4)
+  t, p = jnp.asarray(temps, jnp.float32), jnp.asarray(top_ps, jnp.float32)
+  want = [int(jnp.argmax(logits[i])) if temps[i] == 0 else
+          int(sample_logits(logits[i][None], keys[i], t[i], p[i])[0]) for i in range(4)]
+  for fn in (_sample_rows, jax.jit(_sample_rows)):
+    assert np.asarray(fn(logits, keys, t, p)).tolist() == want
