@@ -183,7 +183,7 @@ def doc_section(results: dict) -> str:
        "`DynamicCache`, eager. With 64 adapters in the pool a 32-row batch holds 32 distinct "
        "ones.", "", _run_line(results), "",
        "| case | tokens/s (median) | each round |", "|---|---|---|"]
-  for n, v in sorted(c.items(), key=lambda kv: (kv[0].startswith("torch"), kv[0])):
+  for n, v in sorted(c.items(), key=lambda kv: (kv[0].startswith("torch"), len(kv[0]), kv[0])):
     each = ", ".join("–" if x is None else f"{x:,.0f}" for x in v["rounds"])
     med = '–' if v['tokens_per_s'] is None else f"{v['tokens_per_s']:,.0f}"
     L.append(f"| {n} | {med} | {each} |")
