@@ -87,8 +87,10 @@ def run_method(name: str, args: list[str], *, base_metrics: dict | None = None,
   if log_dir is not None:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = proc.stdout + "\n--- stderr ---\n" + re.sub(r"[^\n]*\r", "", proc.stderr)
-    # no paths of this machine in committed logs: the run directory is OUT, the checkout .
-    log = log.replace(str(out), "OUT").replace(str(ROOT), ".")
+    # no paths of this machine in committed logs: the run directory is OUT, the checkout .,
+    # the home directory (the model cache under ~/.cache) ~
+    log = (log.replace(str(out), "OUT").replace(str(ROOT), ".")
+           .replace(os.path.expanduser("~") + os.sep, "~" + os.sep))
     (log_dir / f"{name}.log").write_text(log)
   r = {"name": name, "command": "peftjax train " + " ".join(args), "wall_s": round(wall, 1),
        "loadavg_before": [round(x, 2) for x in load0],
