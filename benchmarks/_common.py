@@ -164,3 +164,22 @@ def parse_result(stdout: str) -> dict | None:
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):])
   return None
+
+
+def loadavg() -> list[float]:
+  """The 1-, 5- and 15-minute load averages, rounded (NaN where the OS has none)."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:  # pragma: no cover
+    return [float("nan")] * 3
+
+
+def goal_state(g: dict) -> str:
+  """``"met"`` only when the goal holds in every round's own ratio (and in the medians' ratio);
+  ``"met in k of n rounds"`` when it holds in some; ``"MISSED"`` otherwise; ``"not measured"``."""
+  rounds, k = g.get("rounds") or [], g.get("met_rounds", 0)
+  if g.get("value") is None:
+    return "not measured"
+  if g["met"]:
+    return "met" + (f" in all {len(rounds)} rounds" if len(rounds) > 1 else "")
+  return f"met in {k} of {len(rounds)} rounds" if k else "MISSED"

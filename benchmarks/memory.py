@@ -64,8 +64,7 @@ _common.emit({"rc": rc})
 """
 
 
-def loadavg() -> list[float]:
-  return [round(x, 2) for x in os.getloadavg()]
+loadavg = _common.loadavg
 
 
 def write_model(d: Path, shape: dict, seed: int = 0) -> int:

@@ -154,15 +154,7 @@ def _why(doc_dir):
   return f"[docs/performance.md]({_rel(PERFORMANCE_DOC, doc_dir)})"
 
 
-def goal_state(g) -> str:
-  """``"met"`` only when the goal holds in every round's own ratio (and in the medians' ratio);
-  ``"met in k of n rounds"`` when it holds in some; ``"MISSED"`` otherwise."""
-  rounds, k = g.get("rounds") or [], g.get("met_rounds", 0)
-  if g["value"] is None:
-    return "not measured"
-  if g["met"]:
-    return "met" + (f" in all {len(rounds)} rounds" if len(rounds) > 1 else "")
-  return f"met in {k} of {len(rounds)} rounds" if k else "MISSED"
+goal_state = _common.goal_state
 
 
 def _fmt_goal(g, v):

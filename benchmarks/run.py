@@ -83,11 +83,7 @@ def log(msg: str) -> None:
   print(msg, flush=True)
 
 
-def loadavg() -> list[float]:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:  # pragma: no cover
-    return [float("nan")] * 3
+loadavg = _common.loadavg
 
 
 def git_state() -> dict:

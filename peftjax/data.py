@@ -42,7 +42,8 @@ import numpy as np
 from peftjax.io.fetch import cache_dir, fetch
 
 __all__ = ["rotten_tomatoes", "moby_dick", "speeches", "GENERAL_TEXTS", "general_text",
-           "ClassificationLoader", "LMLoader", "bucket_length", "read_labeled", "read_text", "encode_labels", "heldout_split", "TABLE_SUFFIXES"]
+           "ClassificationLoader", "LMLoader", "bucket_length", "read_labeled", "read_text",
+           "encode_labels", "heldout_split", "TABLE_SUFFIXES"]
 
 #: File suffixes :func:`read_labeled` reads.
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")

@@ -12,8 +12,7 @@ def _share_compiled_programs():
   added this. The directory is new for every run: the first process to import this file (xdist's
   controller, or the only process) names it after its pid, the workers and subprocesses inherit it
   through the environment, and the controller removes it at the end, so no run reuses another's
-  programs. ``PEFTJAX_TEST_NO_COMPILE_CACHE=1``
-  turns it off."""
+  programs. ``PEFTJAX_TEST_NO_COMPILE_CACHE=1`` turns it off."""
   if os.environ.get("PEFTJAX_TEST_NO_COMPILE_CACHE") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   import tempfile
@@ -29,15 +28,15 @@ _share_compiled_programs()
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def pytest_sessionfinish(session, exitstatus):
   """The controller (not an xdist worker) removes this run's compilation cache."""
   import shutil
-  if (os.environ.get("PEFTJAX_TEST_OWNS_COMPILE_CACHE") and "PYTEST_XDIST_WORKER" not in os.environ
-      and not hasattr(session.config, "workerinput")):
+  if os.environ.get("PEFTJAX_TEST_OWNS_COMPILE_CACHE") and not hasattr(session.config,
+                                                                       "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
