@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -164,7 +165,7 @@ def _prefix_from_tokens(model, params, prefix_ids):
   """Per-layer keys/values of ``prefix_ids`` ([1, P]) as a prefix array [L, 2, 1, P, kvh, hd]."""
   p = prefix_ids.shape[1]
   _, cache = fwd(model)({"params": params}, prefix_ids, cache=init_cache(model.config, 1, p))
-  return jnp.stack([cache.k, cache.v], axis=1)
+  return jnp.swapaxes(jnp.stack([cache.k, cache.v], axis=1), 3, 4)  # cache: heads before positions
 
 
 @pytest.mark.parametrize("scan", [True], ids=["scan"])  # the loop path's xs: KV-cache tests
@@ -222,6 +223,40 @@ def test_kv_cache_steps_equal_full_forward(tiny):
   np.testing.assert_allclose(got[real], np.asarray(full)[real], atol=1e-5)
   with pytest.raises(ValueError, match="must cover the cache"):
     model.apply({"params": params}, ids, attention_mask=mask, cache=init_cache(TINY, 2, 12))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["one_index", "per_row"])
+def test_a_decoding_step_writes_the_donated_kv_cache_in_place(scan, per_row):
+  """No copy or transpose of the cache (or of one layer's part of it) in a decoding step: each
+  costs a pass over the whole cache at every step, which was most of a step at serving lengths
+  (the cache copied, re-stacked, and transposed for the attention's dots). Head dim 64 and 512
+  positions, as real models and servers have: XLA:CPU transposes the keys of tiny heads and short
+  caches, where that is cheap. (Each layer's slice is still copied out for its dots.)"""
+  cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=64)
+  model = LlamaForCausalLM(cfg, scan_layers=scan)
+  params = jax.jit(model.init)(jax.random.key(1), jnp.ones((1, 4), jnp.int32))["params"]
+  cache = init_cache(cfg, 8, 512, per_row=per_row)
+  step = jax.jit(lambda p, c, ids: model.apply({"params": p}, ids, cache=c), donate_argnums=1)
+  ids = jnp.arange(3, 11, dtype=jnp.int32)[:, None]
+  hlo = step.lower(params, cache, ids).compile().as_text()
+  # the buffers the program materializes: instructions outside fusions' bodies
+  fused = set(re.findall(r"kind=\w+, calls=%([\w.-]+)", hlo))
+  bodies = re.split(r"\n(?=\S)", hlo)
+  top = "\n".join(b for b in bodies if not any(b.startswith(f"%{f} ") for f in fused))
+  layer = int(np.prod(cache.k.shape[1:]))
+  ops = re.finditer(r"%(\S+) = f32\[([0-9,]+)\]\S* (\w+)\(", top)
+  big = [f"{name} {op} [{dims}]" for name, dims, op in (m.groups() for m in ops)
+         if np.prod([int(d) for d in dims.split(",")]) >= layer
+         and (op in ("copy", "transpose") or op == "fusion" and re.search(r"transpose|copy_fusion",
+                                                                          name))]
+  assert not big, big
+  # ... and the step computes what the full forward does
+  logits, cache = step(params, cache, ids)
+  np.testing.assert_allclose(np.asarray(logits),
+                             np.asarray(fwd(model)({"params": params}, ids)), atol=1e-5)
+  assert np.asarray(cache.index).tolist() == ([1] * 8 if per_row else 1)
 
 
 def _greedy_reference(model, params, prompt, n, stop=()):

@@ -280,8 +280,8 @@ def _sample_rows(logits, keys, temperature, top_p):
 def _prefill_slot(params, cache, slot, tokens, length, adapter, temperature, top_p, key, *,
                   apply_fn):
   b = tokens.shape[1]
-  small = KVCache(jnp.zeros((cache.k.shape[0], 1, b, *cache.k.shape[3:]), cache.k.dtype),
-                  jnp.zeros((cache.v.shape[0], 1, b, *cache.v.shape[3:]), cache.v.dtype),
+  shape = (cache.k.shape[0], 1, cache.k.shape[2], b, cache.k.shape[4])  # one row, b positions
+  small = KVCache(jnp.zeros(shape, cache.k.dtype), jnp.zeros(shape, cache.v.dtype),
                   jnp.zeros((), jnp.int32))
   routed = _routed(params, adapter[None])
   logits, small = apply_fn({"params": routed}, tokens, cache=small,
@@ -338,7 +338,7 @@ def prefill_slot(model: LlamaForCausalLM, params: Any, cache: KVCache, slot: int
   Returns:
     ``(first token (int32 scalar), cache)``.
   """
-  n_slots, max_len = cache.k.shape[1], cache.k.shape[2]
+  n_slots, max_len = cache.k.shape[1], cache.k.shape[3]
   if cache.index.shape != (n_slots,):
     raise ValueError(f"prefill_slot needs a cache with one index per row (init_slots), got an "
                      f"index of shape {tuple(cache.index.shape)}")

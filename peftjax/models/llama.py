@@ -200,8 +200,9 @@ class KVCache(NamedTuple):
   """Key/value cache for incremental decoding.
 
   Attributes:
-    k: ``[layers, batch, max_len, kv_heads, head_dim]``.
-    v: ``[layers, batch, max_len, kv_heads, head_dim]``.
+    k: ``[layers, batch, kv_heads, max_len, head_dim]`` (heads before positions: the layout the
+      attention's dots read without a transpose).
+    v: ``[layers, batch, kv_heads, max_len, head_dim]``.
     index: int32 scalar, the number of filled slots (the next token is written at ``index``);
       or int32 ``[batch]``, one per row (:func:`init_cache` with ``per_row=True``): every row
       writes at its own index and its queries sit at their own positions, as continuous
@@ -218,24 +219,28 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int,
 
   ``per_row``: one index per row (``int32 [batch]``) instead of one for the whole batch.
   """
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
   index = jnp.zeros((batch,) if per_row else (), jnp.int32)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), index)
 
 
-def _write(buf: Array, new: Array, index: Array, batch_axis: int) -> Array:
-  """``buf`` with ``new`` written along the axis after ``batch_axis`` from ``index`` (a scalar:
-  the same offset for every row; ``[batch]``: each row's own)."""
-  if index.ndim == 0:
-    at = [0] * buf.ndim
-    at[batch_axis + 1] = index
-    return lax.dynamic_update_slice(buf, new.astype(buf.dtype), tuple(at))
+def _write(buf: Array, new: Array, layer, index: Array) -> Array:
+  """The cache ``buf [layers, batch, kv_heads, len, head_dim]`` with layer ``layer``'s new
+  entries ``new [batch, t, kv_heads, head_dim]`` written from ``index`` (a scalar: the same offset for every row;
+  ``[batch]``: each row's own), clamped as ``lax.dynamic_update_slice`` clamps:
+  ``0 <= start <= len - t``.
 
-  def row(b, n, i):
-    at = [0] * b.ndim
-    at[batch_axis] = i
-    return lax.dynamic_update_slice(b, n.astype(b.dtype), tuple(at))
-  return jax.vmap(row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buf, new, index)
+  One update in place: a donated cache is neither copied nor re-stacked, whatever its size. (The
+  layer writes, then reads its slice; read-then-write would make XLA copy the whole buffer.)"""
+  new = new.astype(buf.dtype)
+  if index.ndim == 0:
+    return lax.dynamic_update_slice(buf, jnp.swapaxes(new, 1, 2)[None], (layer, 0, 0, index, 0))
+  t = new.shape[1]
+  start = jnp.clip(index, 0, buf.shape[3] - t)
+  rows = jnp.arange(buf.shape[1])[:, None]
+  # (layer, row, :, position): the indexed axes go first, so the update is laid out as ``new``.
+  return buf.at[layer, rows, :, start[:, None] + jnp.arange(t)[None, :]].set(
+      new, indices_are_sorted=True, unique_indices=True)
 
 
 def _dense(features, use_bias, cfg, dtype, param_dtype, name):
@@ -271,7 +276,7 @@ class LlamaAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache_kv, cache_index, prefix_kv):
+  def __call__(self, x, cos, sin, mask, cache, cache_index, prefix_kv):
     cfg = self.config
     b, t, _ = x.shape
     hd, h, kvh = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -281,18 +286,21 @@ class LlamaAttention(nn.Module):
     q = common.apply_rope(q.reshape(b, t, h, hd), cos, sin)
     k = common.apply_rope(k.reshape(b, t, kvh, hd), cos, sin)
     v = v.reshape(b, t, kvh, hd)
-    new_kv = None
-    if cache_kv is not None:
-      new_kv = (k, v)
-      ck, cv = cache_kv
-      k = _write(ck, k, cache_index, 0).astype(self.dtype)
-      v = _write(cv, v, cache_index, 0).astype(self.dtype)
+    if cache is not None:  # (k [layers, ...], v, this layer): write this layer's keys, read them
+      ck, cv, layer = cache
+      ck, cv = _write(ck, k, layer, cache_index), _write(cv, v, layer, cache_index)
+      k, v = ck[layer].astype(self.dtype), cv[layer].astype(self.dtype)  # [b, kvh, len, hd]
+      cache = (ck, cv, layer + 1)
+    major = cache is not None
     if prefix_kv is not None:
-      k = jnp.concatenate([prefix_kv[0].astype(self.dtype), k], axis=1)
-      v = jnp.concatenate([prefix_kv[1].astype(self.dtype), v], axis=1)
-    out = common.attention(q, k, v, mask)
+      pk, pv = (x.astype(self.dtype) for x in prefix_kv)
+      if major:
+        pk, pv = jnp.swapaxes(pk, 1, 2), jnp.swapaxes(pv, 1, 2)
+      k = jnp.concatenate([pk, k], axis=2 if major else 1)
+      v = jnp.concatenate([pv, v], axis=2 if major else 1)
+    out = common.attention(q, k, v, mask, heads_major=major)
     out = _dense(cfg.hidden_size, cfg.o_bias, cfg, self.dtype, self.param_dtype, "o_proj")(out)
-    return out, new_kv
+    return out, cache
 
 
 class LlamaMLP(nn.Module):
@@ -317,27 +325,29 @@ class LlamaMLP(nn.Module):
 class LlamaBlock(nn.Module):
   """One decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  Called as ``block(x, xs, ctx) -> (x, new_kv)`` so it can be scanned:
-  ``xs = (cache_kv, prefix_kv)`` are this layer's slices, ``ctx = (cos, sin, mask, cache_index)``
-  is shared by all layers.
+  Called as ``block((x, cache), prefix_kv, ctx) -> ((x, cache), None)`` so it can be scanned:
+  ``cache`` is None or ``(k, v, layer)``, the whole KV cache (``[layers, batch, len, ...]``) and
+  this block's layer in it, carried from layer to layer so that each writes its slice in place;
+  ``prefix_kv`` is this layer's prefix (or None); ``ctx = (cos, sin, mask, cache_index)`` is shared
+  by all layers.
   """
   config: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, xs, ctx):
+  def __call__(self, carry, prefix_kv, ctx):
     cfg = self.config
-    cache_kv, prefix_kv = xs
+    x, cache = carry
     cos, sin, mask, cache_index = ctx
     h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
-    h, new_kv = LlamaAttention(cfg, self.dtype, self.param_dtype, name="self_attn")(
-        h, cos, sin, mask, cache_kv, cache_index, prefix_kv)
+    h, cache = LlamaAttention(cfg, self.dtype, self.param_dtype, name="self_attn")(
+        h, cos, sin, mask, cache, cache_index, prefix_kv)
     x = constrain(x + h, ("batch", "length", "embed"))
     h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(x)
     x = constrain(x + LlamaMLP(cfg, self.dtype, self.param_dtype, name="mlp")(h),
                   ("batch", "length", "embed"))
-    return x, new_kv
+    return (x, cache), None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -421,7 +431,7 @@ class LlamaForCausalLM(nn.Module):
     x = constrain(x, ("batch", "length", "embed"))
 
     if cache is not None:
-      s = cache.k.shape[2]
+      s = cache.k.shape[3]
       if cache.k.shape[1] != b:
         raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {b}")
       full_mask = (jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask)
@@ -462,11 +472,14 @@ class LlamaForCausalLM(nn.Module):
     inv_freq = common.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
     cos, sin = common.rope_cos_sin(position_ids, inv_freq)
 
-    cache_kv = None if cache is None else (cache.k, cache.v)
-    x, new_kv = common.layer_stack(
+    # The whole cache is carried through the layers (each writes its own slice in place);
+    # the layer index is static without scan (a plain slice), a counter with it.
+    state = None if cache is None else (cache.k, cache.v,
+                                        jnp.zeros((), jnp.int32) if self.scan_layers else 0)
+    (x, state), _ = common.layer_stack(
         LlamaBlock, num_layers=cfg.num_layers, scan=self.scan_layers, remat=self.remat,
         block_kwargs=dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype),
-        x=x, xs=(cache_kv, prefix), ctx=(cos, sin, mask, index))
+        x=(x, state), xs=prefix, ctx=(cos, sin, mask, index))
     x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index.astype(jnp.int32)[:, None, None], axis=1)
@@ -487,9 +500,7 @@ class LlamaForCausalLM(nn.Module):
       out = LMHead(cfg, self.dtype, self.param_dtype, name="lm_head")(x)
     if cache is None:
       return out
-    nk, nv = new_kv  # [layers, b, t, kvh, hd]
-    cache = KVCache(_write(cache.k, nk, index, 1), _write(cache.v, nv, index, 1), index + t)
-    return out, cache
+    return out, KVCache(state[0], state[1], index + t)
 
 
 def hf_tensor_map(config: LlamaConfig) -> list[common.TensorSpec]:
