@@ -121,12 +121,20 @@ def check_rows(model, pooled_logits, ads, ids, tol, merged=False):
                                np.asarray(want, np.float32), **tol)
 
 
+@pytest.fixture(params=["one_hot", "gather"])
+def pool_path(request, monkeypatch):
+  """Each of the two ways a LoRA pool computes its update (``multi.ONE_HOT_MAX`` picks one by
+  shape; a test using this traces afresh)."""
+  monkeypatch.setattr(multi, "ONE_HOT_MAX", 10**9 if request.param == "one_hot" else 0)
+  return request.param
+
+
 # ------------------------------------------------------------------------------------------------
 # the forward pass
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scan"])
-def test_pooled_forward_equals_each_adapter_row_by_row(scan):
+def test_pooled_forward_equals_each_adapter_row_by_row(scan, pool_path):
   model, params = llama(scan)
   ads = adapters(scan)
   if scan:   # two of them (different ranks, scales and targets): fewer programs to compile
@@ -141,8 +149,11 @@ def test_pooled_forward_equals_each_adapter_row_by_row(scan):
   np.testing.assert_allclose(np.asarray(q.scales).reshape(-1, n)[0],
                              [0.0, *(scales[k] for k in ads)], rtol=1e-6)
   ids = IDS if not scan else [1, 2, 0, 2]
-  got = lifted(model)({"params": multi.route(pool, ids)}, TOK)
+  got = jax.jit(peftjax.lift(model.apply))({"params": multi.route(pool, ids)}, TOK)
   check_rows(model, got, ads, ids, dict(atol=1e-5, rtol=1e-5))
+  # ... and one token per row, as in decoding, where the one-hot form is chosen
+  one = jax.jit(peftjax.lift(model.apply))({"params": multi.route(pool, ids)}, TOK[:, :1])
+  np.testing.assert_allclose(np.asarray(one[:, 0]), np.asarray(got[:, 0]), atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_model():
@@ -269,7 +280,7 @@ def row_losses(logits, tokens):
 
 
 @pytest.mark.standard_promotion  # steps an optax optimizer (Adam: float ** int32 count)
-def test_one_step_on_the_pool_equals_one_step_of_each_adapter():
+def test_one_step_on_the_pool_equals_one_step_of_each_adapter(pool_path):
   model, _ = llama(True)
   ads = twins(True, 3)   # one structure: the three steps alone compile once
   fwd = peftjax.lift(model.apply)
