@@ -9,6 +9,7 @@
     peftjax generate --adapter lm_run/ --prompt "The whale"   # with the trained LM adapter
     peftjax methods
     peftjax serve --model smollm2 --adapter sql=runs/sql   # OpenAI-compatible, many adapters
+    peftjax merge-adapters --adapter runs/sql --adapter runs/poems --out mixed/  # 2 LoRAs -> 1
 
 ``train`` fine-tunes a real model on a real dataset with one PEFT method, shows a progress bar,
 evaluates the base model (and, for classification, a trained linear head on the frozen model)
@@ -498,10 +499,10 @@ def _output_dir(a, inputs: dict) -> Path:
   return out
 
 
-def _mark_output(out: Path, a, run: dict):
+def _mark_output(out: Path, a, run: dict, **extra):
   (out / OUTPUT_MARKER).write_text(json.dumps(
       {"command": a.cmd, "adapter": run.get("_run_dir"), "model": run["model"],
-       "method": run["method"], "peftjax_version": peftjax.__version__}, indent=2) + "\n")
+       "method": run["method"], **extra, "peftjax_version": peftjax.__version__}, indent=2) + "\n")
 
 
 def _head_targets(run: dict) -> str:
@@ -1183,6 +1184,91 @@ def _read_onto(params, d: Path):
   return restore_adapter(d, params)
 
 
+def _merged_model(a, sources: dict) -> str:
+  """The base model of ``merge-adapters``: ``--model``, or the one every adapter records (a
+  train run's ``run.json``, an HF PEFT ``base_model_name_or_path`` that is a local model)."""
+  from peftjax import tasks
+  from peftjax.io.hf_peft import ADAPTER_CONFIG
+  if a.model is not None:
+    return a.model
+  seen = {}
+  for name, d in sources.items():
+    run_file = d.parent / RUN_FILE if d.name == ADAPTER_DIR else d / RUN_FILE
+    base = None
+    if run_file.is_file():
+      base = _read_run_file(run_file).get("model")
+    elif (d / ADAPTER_CONFIG).is_file():
+      try:
+        base = json.loads((d / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+      except (OSError, ValueError, AttributeError):
+        base = None
+      if base is not None and base not in tasks.MODELS and not Path(base).exists():
+        base = None  # a hub id: not available offline
+    if base is None:
+      raise _UsageError(f"--adapter {name}={d}: the adapter does not say which model it was "
+                        f"trained on (as a model here); give --model")
+    seen.setdefault(base, []).append(name)
+  if len(seen) > 1:
+    raise _UsageError("the adapters were trained on different models (" + "; ".join(
+        f"{', '.join(n)}: {m}" for m, n in seen.items()) + "); merge adapters of one base model")
+  return next(iter(seen))
+
+
+def _weights(text: Optional[str], names: list) -> list:
+  if text is None:
+    return [1.0] * len(names)
+  try:
+    ws = [float(w) for w in text.split(",")]
+  except ValueError:
+    raise _UsageError(f"--weights {text!r}: expected numbers separated by commas, one per "
+                      f"--adapter (e.g. 0.6,0.4)") from None
+  if len(ws) != len(names):
+    raise _UsageError(f"--weights {text!r} gives {len(ws)} weight{'s' * (len(ws) != 1)} for "
+                      f"{len(names)} adapters ({', '.join(names)})")
+  return ws
+
+
+def cmd_merge_adapters(a):
+  """Several LoRA adapters of one base combined into one (``peftjax.merge_adapters``), written as
+  an HF PEFT adapter."""
+  from peftjax import tasks
+  from peftjax.io.hf import from_pretrained
+  from peftjax.io.hf_peft import save_hf_peft
+  from peftjax.lora import LoraWeight
+  specs = [s if "=" in s else f"{Path(s.rstrip('/')).name}={s}" for s in a.adapter]
+  sources = _serve_adapters(specs)
+  names = list(sources)
+  weights = _weights(a.weights, names)
+  if a.density is not None and not 0 < a.density <= 1:
+    raise _UsageError(f"--density must be in (0, 1] (the fraction of entries kept), got "
+                      f"{a.density}")
+  model_name = _merged_model(a, sources)
+  with _user_input():
+    path = tasks.resolve_model(model_name)
+  inputs = {f"adapter {n}": d for n, d in sources.items()}
+  if not _is_name("model", model_name):
+    inputs["the base model"] = str(path)
+  out = _output_dir(a, inputs)
+  with _user_input():
+    _, params, _ = from_pretrained(path, scan_layers=_served_layout(sources))
+    trees = {n: _read_onto(params, d) for n, d in sources.items()}
+  for n, t in trees.items():
+    other = sorted({type(x).__name__ for x in jax.tree_util.tree_leaves(t, is_leaf=peftjax.is_node)
+                    if peftjax.is_node(x) and not isinstance(x, LoraWeight)})
+    if other:
+      raise _UsageError(f"--adapter {n}={sources[n]} holds {', '.join(other)} nodes; "
+                        f"merge-adapters combines LoRA adapters only")
+  with _user_input():
+    merged = peftjax.merge_adapters(
+        trees, weights, method=a.method, svd_rank=a.rank, density=a.density,
+        majority_sign_method=a.majority_sign, key=jax.random.key(a.seed))
+    saved = save_hf_peft(merged, out, base_model_name_or_path=model_name)
+  _mark_output(saved, a, {"model": model_name, "method": "lora"}, combination=a.method,
+               adapters={n: str(d.absolute()) for n, d in sources.items()}, weights=weights)
+  print(f"wrote the merged adapter ({a.method} of {', '.join(names)}) to {saved}")
+  return saved
+
+
 def cmd_methods(a):
   for name, m in methods.all_methods().items():
     opts = " ".join(_flag(o.name) for o in m.options)
@@ -1192,7 +1278,7 @@ def cmd_methods(a):
 
 def build_parser() -> argparse.ArgumentParser:
   """The ``peftjax`` argument parser (subcommands train, eval, merge, export, generate, methods,
-  serve)."""
+  serve, merge-adapters)."""
   ap = _Parser(prog="peftjax", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -1279,12 +1365,50 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="seeds requests that give none")
   p.add_argument("--log-level", default="info",
                  choices=["critical", "error", "warning", "info", "debug"])
+  from peftjax.merging import METHODS as MERGE_METHODS
+  p = sub.add_parser("merge-adapters", help="combine LoRA adapters of one base into one LoRA "
+                                            "adapter (HF PEFT format)",
+                     description="Combine several LoRA adapters trained on one base model into "
+                                 "one LoRA adapter, as HF PEFT's add_weighted_adapter does "
+                                 "(peftjax.merge_adapters); written in HF PEFT format, which "
+                                 "`peftjax serve --adapter`, PyTorch PEFT and "
+                                 "peftjax.io.hf_peft.load_hf_peft read.",
+                     epilog="examples:\n  peftjax merge-adapters --adapter runs/sql --adapter "
+                            "runs/poems --weights 0.7,0.3 --out mixed/\n"
+                            "  peftjax merge-adapters --model smollm2 --adapter a=hf/a --adapter "
+                            "b=hf/b --method dare_ties --density 0.5 --seed 1 --out ab/",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
+                 help="an adapter to combine (repeatable, in the order of --weights): an HF PEFT "
+                      "directory, a peftjax adapter checkpoint or a `peftjax train --out` "
+                      "directory; NAME defaults to the directory's name")
+  p.add_argument("--model", default=None,
+                 help="the base model (default: the one the adapters record)")
+  p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                 help="one weight per adapter; negative subtracts (default: 1 each)")
+  p.add_argument("--method", default="svd", choices=list(MERGE_METHODS),
+                 help="how to combine (default: svd, as HF PEFT; cat is exact; ties, dare_*, "
+                      "magnitude_prune need --density)")
+  p.add_argument("--rank", type=_pos_int, default=None,
+                 help="rank of the *svd methods' result (default: the largest input rank)")
+  p.add_argument("--density", type=float, default=None,
+                 help="fraction of entries kept by ties, dare_* and magnitude_prune, in (0, 1]")
+  p.add_argument("--majority-sign", default="total", choices=["total", "frequency"],
+                 help="the ties rules' sign election (default: total)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default: 0)")
+  p.add_argument("--out", required=True, help="output directory (adapter_config.json + "
+                                              "adapter_model.safetensors): new, empty, or an "
+                                              "earlier merge-adapters'")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --out that holds other files (files of the same names are "
+                      "replaced)")
   sub.add_parser("methods", help="list the PEFT methods")
   return ap
 
 
 _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
-             "generate": cmd_generate, "methods": cmd_methods, "serve": cmd_serve}
+             "generate": cmd_generate, "methods": cmd_methods, "serve": cmd_serve,
+             "merge-adapters": cmd_merge_adapters}
 
 
 class _Terminated(KeyboardInterrupt):

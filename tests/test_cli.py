@@ -478,6 +478,31 @@ def test_mixed_precision_run_evaluates_as_trained(capsys, files, tmp_path):
 # the user's files: never clobbered, refused outputs are one line naming the path
 # ------------------------------------------------------------------------------------------------
 
+def test_merge_adapters_of_train_runs_reads_the_model_from_the_runs(capsys, files, lm_run,
+                                                                   tmp_path):
+  """Two `train --out` runs (here one run twice, and its adapter/ directory) combine without
+  --model: the runs record it. (HF PEFT inputs and errors: test_cli_merge_adapters.py.)"""
+  _, out = lm_run
+  rc, so, err = run(capsys, "merge-adapters", "--adapter", f"a={out}",
+                    "--adapter", f"b={out / 'adapter'}", "--weights", "0.5,0.5", "--method",
+                    "cat", "--out", tmp_path / "m")
+  assert rc == 0, err
+  from peftjax.io import from_pretrained
+  from peftjax.io.checkpoint import restore_adapter
+  from peftjax.io.hf_peft import load_hf_peft
+  _, params, _ = from_pretrained(files / "llama", scan_layers=True)
+  alone = restore_adapter(out / "adapter", params)
+  got = load_hf_peft(tmp_path / "m", params)
+  pairs = [(g, w) for g, w in zip(jax.tree.leaves(got, is_leaf=peftjax.is_node),
+                                  jax.tree.leaves(alone, is_leaf=peftjax.is_node))
+           if isinstance(w, peftjax.lora.LoraWeight)]
+  assert pairs
+  for g, w in pairs:   # cat of an adapter with itself at weights 1/2, 1/2: the adapter
+    assert g.rank == 2 * w.rank
+    np.testing.assert_allclose(np.asarray(g.scale * g.a @ g.b), np.asarray(w.scale * w.a @ w.b),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_merge_and_export_never_write_over_other_files(capsys, files, lm_run, tmp_path):
   _, out = lm_run
   mine = tmp_path / "mine"
