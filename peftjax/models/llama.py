@@ -226,9 +226,9 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int,
 
 def _write(buf: Array, new: Array, layer, index: Array) -> Array:
   """The cache ``buf [layers, batch, kv_heads, len, head_dim]`` with layer ``layer``'s new
-  entries ``new [batch, t, kv_heads, head_dim]`` written from ``index`` (a scalar: the same offset for every row;
-  ``[batch]``: each row's own), clamped as ``lax.dynamic_update_slice`` clamps:
-  ``0 <= start <= len - t``.
+  entries ``new [batch, t, kv_heads, head_dim]`` written from ``index`` (a scalar: the same
+  offset for every row; ``[batch]``: each row's own), clamped as ``lax.dynamic_update_slice``
+  clamps: ``0 <= start <= len - t``.
 
   One update in place: a donated cache is neither copied nor re-stacked, whatever its size. (The
   layer writes, then reads its slice; read-then-write would make XLA copy the whole buffer.)"""
@@ -326,7 +326,7 @@ class LlamaBlock(nn.Module):
   """One decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
   Called as ``block((x, cache), prefix_kv, ctx) -> ((x, cache), None)`` so it can be scanned:
-  ``cache`` is None or ``(k, v, layer)``, the whole KV cache (``[layers, batch, len, ...]``) and
+  ``cache`` is None or ``(k, v, layer)``, the whole KV cache (:class:`KVCache`'s arrays) and
   this block's layer in it, carried from layer to layer so that each writes its slice in place;
   ``prefix_kv`` is this layer's prefix (or None); ``ctx = (cos, sin, mask, cache_index)`` is shared
   by all layers.
