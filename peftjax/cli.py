@@ -1214,6 +1214,49 @@ def _merged_model(a, sources: dict) -> str:
   return next(iter(seen))
 
 
+def _merge_options_apply(a):
+  """``--density``/``--rank``/``--majority-sign`` given to a ``--method`` that would ignore them:
+  a usage error, not a silently different merge."""
+  m = a.method
+  if a.density is not None and m in ("cat", "svd", "linear"):
+    raise _UsageError(f"--density does not apply to --method {m} (it keeps every entry); the "
+                      f"methods that prune are ties, dare_*, magnitude_prune and their _svd forms")
+  if a.rank is not None and not m.endswith("svd"):
+    raise _UsageError(f"--rank does not apply to --method {m} (only the *svd methods choose the "
+                      f"merged rank)")
+  if a.majority_sign is not None and "ties" not in m:
+    raise _UsageError(f"--majority-sign does not apply to --method {m} (only the ties methods "
+                      f"elect signs)")
+
+
+def _merged_runs_are_plain_lora(sources: dict):
+  """The adapters that are `peftjax train --out` runs are LoRA on a language model's own weights:
+  a PiSSA/OLoRA/LoftQ run's factors belong to a changed base, and merging them onto the original
+  one would give a silently wrong adapter."""
+  from peftjax import lora_init
+  for name, d in sources.items():
+    run_file = d.parent / RUN_FILE if d.name == ADAPTER_DIR else d / RUN_FILE
+    if not run_file.is_file():
+      continue
+    run = _read_run_file(run_file)
+    if run.get("kind") != "lm":
+      raise _UsageError(f"--adapter {name}={d} is a {run.get('kind')} run (its trained head is "
+                        f"not a LoRA adapter); merge-adapters combines language-model LoRA "
+                        f"adapters")
+    method = _method(run).name
+    if method == "qlora":
+      raise _UsageError(f"--adapter {name}={d} is a --method qlora run (its adapter reads onto "
+                        f"a 4-bit base); `peftjax export` it and merge the exported directory")
+    if method != "lora":
+      raise _UsageError(f"--adapter {name}={d} is a --method {run.get('method')} run; "
+                        f"merge-adapters combines LoRA adapters only")
+    init = (run.get("options") or {}).get("init")
+    if lora_init.modifies_base(init):
+      raise _UsageError(f"--adapter {name}={d} was trained with --init {init}, on a changed base; "
+                        f"`peftjax export` it (a LoRA on the original weights) and merge the "
+                        f"exported directory")
+
+
 def _weights(text: Optional[str], names: list) -> list:
   if text is None:
     return [1.0] * len(names)
@@ -1242,6 +1285,8 @@ def cmd_merge_adapters(a):
   if a.density is not None and not 0 < a.density <= 1:
     raise _UsageError(f"--density must be in (0, 1] (the fraction of entries kept), got "
                       f"{a.density}")
+  _merge_options_apply(a)
+  _merged_runs_are_plain_lora(sources)
   model_name = _merged_model(a, sources)
   with _user_input():
     path = tasks.resolve_model(model_name)
@@ -1261,7 +1306,7 @@ def cmd_merge_adapters(a):
   with _user_input():
     merged = peftjax.merge_adapters(
         trees, weights, method=a.method, svd_rank=a.rank, density=a.density,
-        majority_sign_method=a.majority_sign, key=jax.random.key(a.seed))
+        majority_sign_method=a.majority_sign or "total", key=jax.random.key(a.seed))
     saved = save_hf_peft(merged, out, base_model_name_or_path=model_name)
   _mark_output(saved, a, {"model": model_name, "method": "lora"}, combination=a.method,
                adapters={n: str(d.absolute()) for n, d in sources.items()}, weights=weights)
@@ -1393,7 +1438,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="rank of the *svd methods' result (default: the largest input rank)")
   p.add_argument("--density", type=float, default=None,
                  help="fraction of entries kept by ties, dare_* and magnitude_prune, in (0, 1]")
-  p.add_argument("--majority-sign", default="total", choices=["total", "frequency"],
+  p.add_argument("--majority-sign", default=None, choices=["total", "frequency"],
                  help="the ties rules' sign election (default: total)")
   p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default: 0)")
   p.add_argument("--out", required=True, help="output directory (adapter_config.json + "

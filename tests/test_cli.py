@@ -503,6 +503,29 @@ def test_merge_adapters_of_train_runs_reads_the_model_from_the_runs(capsys, file
                                rtol=1e-5, atol=1e-6)
 
 
+def test_merge_adapters_refuses_runs_that_are_not_lora_on_the_base(capsys, lm_run, tmp_path):
+  """A PiSSA/OLoRA/LoftQ run's factors belong to a changed base, a classification run's head is
+  no adapter, an IA3 or QLoRA run's nodes are not LoRA on these weights: each is one line."""
+  import shutil
+  _, out = lm_run
+  cases = (({"options": {"init": "pissa"}}, "was trained with --init pissa, on a changed base"),
+           ({"options": {"init": "loftq"}}, "--init loftq"),
+           ({"kind": "classification"}, "is a classification run"),
+           ({"method": "ia3"}, "is a --method ia3 run; merge-adapters combines LoRA"),
+           ({"method": "qlora"}, "is a --method qlora run"))
+  for i, (change, says) in enumerate(cases):
+    d = tmp_path / f"run{i}"
+    shutil.copytree(out, d)
+    run_json = json.loads((d / cli.RUN_FILE).read_text())
+    for k, v in change.items():
+      run_json[k] = {**run_json.get(k, {}), **v} if isinstance(v, dict) else v
+    (d / cli.RUN_FILE).write_text(json.dumps(run_json))
+    line = one_error(capsys, "merge-adapters", "--adapter", f"a={out}", "--adapter", f"b={d}",
+                     "--out", tmp_path / "m")
+    assert f"--adapter b={d}" in line and says in line, line
+  assert not (tmp_path / "m").exists()
+
+
 def test_merge_and_export_never_write_over_other_files(capsys, files, lm_run, tmp_path):
   _, out = lm_run
   mine = tmp_path / "mine"

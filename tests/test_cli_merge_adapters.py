@@ -110,6 +110,12 @@ def test_bad_input_is_one_line_naming_it(capsys, setup, tmp_path):
   e = one_error(capsys, "merge-adapters", *both, "--density", "1.5", "--method", "ties",
                 "--out", out)
   assert "--density must be in (0, 1]" in e
+  for opts, says in ((["--density", "0.5"], "--density does not apply to --method svd"),
+                     (["--method", "ties", "--density", "0.5", "--rank", "2"],
+                      "--rank does not apply to --method ties"),
+                     (["--method", "cat", "--majority-sign", "frequency"],
+                      "--majority-sign does not apply to --method cat")):
+    assert says in one_error(capsys, "merge-adapters", *both, *opts, "--out", out)
   e = one_error(capsys, "merge-adapters", *both, "--out", second / "inside")
   assert "which this command reads" in e
   (tmp_path / "full").mkdir()
