@@ -113,11 +113,14 @@ def _env(devices: int) -> dict:
                         f"--xla_force_host_platform_device_count={devices}")
 
 
-def _launch(argvs: list, devices: int, log_dir: pathlib.Path, kill_when=None) -> list:
+def _launch(argvs: list, devices: int, log_dir: pathlib.Path, kill_when=None,
+            signal_one=None) -> list:
   """Runs ``python this_file *argv`` for each argv at once and waits for all of them; after
   TIMEOUT_S, or as soon as one fails, the rest are killed; with ``kill_when`` (a path), all are
-  killed (SIGKILL) 0.1-0.3 s after that file appears. Returns exit codes and log tails."""
-  procs, logs = [], []
+  killed (SIGKILL) 0.1-0.3 s after that file appears; with ``signal_one = (path, i, signum)``,
+  process ``i`` alone gets ``signum`` once that file appears (and the wait goes on). Returns exit
+  codes and log tails."""
+  procs, logs, signalled = [], [], False
   try:
     for i, argv in enumerate(argvs):
       log = open(log_dir / f"worker{i}.log", "w")
@@ -127,7 +130,10 @@ def _launch(argvs: list, devices: int, log_dir: pathlib.Path, kill_when=None) ->
     deadline = time.monotonic() + TIMEOUT_S
     # until all exit, one fails (the others would wait for it in a collective) or time is up
     while time.monotonic() < deadline and any(p.poll() is None for p in procs) and \
-        not any(p.poll() for p in procs):
+        not (any(p.poll() for p in procs) and signal_one is None):
+      if signal_one is not None and not signalled and signal_one[0].exists():
+        procs[signal_one[1]].send_signal(signal_one[2])
+        signalled = True
       if kill_when is not None and kill_when.exists():
         time.sleep(0.1 + 0.2 * np.random.default_rng().random())
         break
@@ -212,6 +218,29 @@ def _save_until_killed(out: pathlib.Path, res):
                 data_position={"loader": {"epoch": 0, "index": step}})
       if step == 8 and dist.is_main():
         (out / "saving").write_text("")
+
+
+def _worker_signalled(out: pathlib.Path, pid: int, nproc: int, port: int):
+  """Trains LoRA under FSDP over the 2 processes with signal handling on, 400 slowed steps
+  (bounded); process 1 announces step 3 (``started``), the test signals it alone. Each process
+  writes where it stopped and exits as the CLI does (128 + the signal)."""
+  from peftjax.train import TrainConfig, TrainInterrupted, train
+  from peftjax.train import distributed as dist
+  dist.initialize(f"127.0.0.1:{port}", nproc, pid)
+
+  def on_step(state, host):
+    if pid == 1 and int(state.step) == 3:
+      (out / "started").write_text("")
+    time.sleep(0.05)
+  cfg = TrainConfig(steps=400, learning_rate=1e-2, warmup_steps=1, progress=False,
+                    sharding="fsdp", checkpoint_dir=str(out / "ckpt"), save_every=1000,
+                    handle_signals=True)
+  try:
+    train(_loss(), _tuned("lora"), _loader(), cfg, on_step=on_step)
+  except TrainInterrupted as e:
+    (out / f"stopped-{pid}.json").write_text(json.dumps(
+        {"step": e.step, "signum": e.signum, "checkpoint": str(e.checkpoint)}))
+    raise SystemExit(128 + e.signum) from None
 
 
 def _npz(path) -> list:
@@ -475,6 +504,29 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.standard_promotion
+@pytest.mark.newest_only
+@pytest.mark.standard_promotion
+def test_a_signal_to_one_process_stops_all_at_one_step_with_their_checkpoint(tmp_path):
+  """SIGTERM to process 1 only (a kill of one PID, one host preempted): both processes stop after
+  the same step, save that step's checkpoint together and exit 143; before, process 0 went on
+  alone and waited forever in the next step's collectives."""
+  import signal
+  from peftjax.train.checkpoint import TrainCheckpointer
+  port = _free_port()
+  runs = _launch([["signal", tmp_path, i, 2, port] for i in (0, 1)], devices=2, log_dir=tmp_path,
+                 signal_one=(tmp_path / "started", 1, signal.SIGTERM))
+  tails = "\n".join(tail for _, tail in runs)
+  assert [rc for rc, _ in runs] == [128 + signal.SIGTERM] * 2, tails
+  stops = [json.loads((tmp_path / f"stopped-{i}.json").read_text()) for i in (0, 1)]
+  assert stops[0] == stops[1] and stops[0]["signum"] == signal.SIGTERM, stops
+  step = stops[0]["step"]
+  assert 3 <= step < 400, stops
+  with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+    assert ckpt.all_steps() == [step]
+    state = ckpt.restore(_tuned("lora"))
+  assert state.step == step and state.data_position["loader"]["index"] == step
+
+
 def test_qlora_under_fsdp_shards_the_packed_codes_on_8_devices():
   proc = subprocess.run([sys.executable, "-c", _QLORA_FSDP], env=_env(8), cwd=ROOT,
                         capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -491,5 +543,7 @@ if __name__ == "__main__":
   mode, args = sys.argv[1], sys.argv[2:]
   if mode == "train":
     _worker_train(pathlib.Path(args[0]), pathlib.Path(args[1]), *map(int, args[2:5]))
+  elif mode == "signal":
+    _worker_signalled(pathlib.Path(args[0]), *map(int, args[1:4]))
   else:
     raise SystemExit(f"unknown mode {mode!r}")

@@ -166,6 +166,12 @@ class _Signals:
     self.signum = signum
     print(f"\n{_signal_name(signum)}: finishing the current step, then saving", file=sys.stderr)
 
+  def agree(self):
+    """Several processes: ``signum`` becomes the signal any of them received (a collective that
+    every process calls at the same points; :func:`distributed.agreed_signal`)."""
+    if self._old and dist.multi_process():
+      self.signum = dist.agreed_signal(self.signum)
+
   def restore(self):
     import signal
     for sig, old in self._old.items():
@@ -392,7 +398,9 @@ def train(loss_fn: Callable, params, data: Iterator[dict], config: TrainConfig =
 
   With ``config.handle_signals`` (main thread), SIGINT/SIGTERM finish the current step, write a
   checkpoint of it (with ``checkpoint_dir``) and raise :class:`TrainInterrupted`; a second signal
-  interrupts at once.
+  interrupts at once. With several processes, the processes agree after every step on whether any
+  of them was signalled (:func:`peftjax.train.distributed.agreed_signal`), so a signal to one
+  process stops all of them after the same step, with one checkpoint written together.
 
   Several processes (after :func:`peftjax.train.distributed.initialize`): every process calls
   ``train`` with the same arguments; the mesh spans all processes' devices, each process puts
@@ -550,6 +558,7 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
           on_step(state, host)
       if bar is not None:
         bar.update(1)
+      signals.agree()
       if signals.signum is not None:
         break
       if eval_fn is not None and eval_data is not None and config.eval_every and \
@@ -557,6 +566,7 @@ def _train(params, data, config, tx, step_fn, placement, ckpt, eval_fn, eval_dat
         eval_metrics = evaluate(eval_fn, combine(state.trainable, frozen), eval_data(),
                                 label=eval_label())
         log({"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()}})
+    signals.agree()   # a signal after the last step's agreement: every process stops, or none
     signals.restore()
     if bar is not None:  # closed before the evaluation: its rate is the training steps'
       bar.close()

@@ -198,6 +198,22 @@ def gather(tree):
   return jax.tree.map(one, tree)
 
 
+def agreed_signal(signum: Optional[int]) -> Optional[int]:
+  """The stop signal of a multi-process run, the same on every process: the largest signal
+  number any process received (``signum``: this process's, or None), or None if none did.
+
+  Every process must call it at the same points (it is a collective): a signal that reached one
+  process only (a ``kill`` of one PID, a scheduler's preemption of one host) then stops all of
+  them at the same step, where they save their checkpoint together, instead of the others
+  waiting forever in the next step's collectives. With one process: ``signum``.
+  """
+  if not multi_process():
+    return signum
+  from jax.experimental import multihost_utils
+  got = int(np.max(multihost_utils.process_allgather(np.asarray(signum or 0, np.int32))))
+  return got or None
+
+
 def sync(name: str):
   """Waits until every process reached ``sync(name)`` (no-op with one process)."""
   if multi_process():
