@@ -106,6 +106,18 @@ def _method(run: dict):
     return methods.get(run["method"])
 
 
+def _sharding(text: str) -> str:
+  """``--sharding``: dp, fsdp or a mesh spec (:func:`peftjax.models.sharding.mesh_shape`)."""
+  if text in ("dp", "fsdp"):
+    return text
+  from peftjax.models.sharding import mesh_shape
+  try:
+    mesh_shape(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"expected dp, fsdp or a mesh: {e}") from None
+  return text
+
+
 def _arg_type(convert):
   """An argparse ``type`` from a method option's converter (its ValueError as argparse's)."""
   def parse(text):
@@ -235,9 +247,11 @@ def _add_train_args(p):
                       "adapter are removed; other files stay)")
   p.add_argument("--save-every", type=_pos_int, default=100,
                  help="checkpoint every N steps into OUT/checkpoints (default: 100)")
-  p.add_argument("--sharding", choices=["dp", "fsdp"], default="dp",
-                 help="over all visible devices: data parallel (dp) or FSDP parameters "
-                      "(default: dp)")
+  p.add_argument("--sharding", type=_sharding, default="dp", metavar="dp|fsdp|MESH",
+                 help="over all visible devices: data parallel (dp), FSDP parameters (fsdp), or "
+                      "a (data, fsdp, tensor) mesh such as data=2,fsdp=-1,tensor=2 (tensor "
+                      "parallelism on heads, MLP and vocabulary too; axes not named are 1, one "
+                      "may be -1) (default: dp)")
   p.add_argument("--no-baseline", action="store_true", help="skip the head-only baseline")
   p.add_argument("--general-data", default=None, metavar="NAME|FILE.txt",
                  help="language models: also evaluate on this general text, never tuned on, "
@@ -752,6 +766,18 @@ def cmd_train(a) -> dict:
     return _cmd_train(a, False)
 
 
+def _check_mesh(spec: str):
+  """A ``--sharding`` mesh that does not fit the devices: said before anything loads."""
+  if spec in ("dp", "fsdp"):
+    return
+  from peftjax.train import _placement
+  try:
+    _placement(spec)
+  except ValueError as e:
+    raise _UsageError(str(e).replace(f"TrainConfig.sharding {spec!r}", f"--sharding {spec}") +
+                      f" (JAX sees {jax.device_count()} device(s))") from None
+
+
 def _cmd_train(a, main: bool) -> dict:
   from peftjax.train import TrainInterrupted
   from peftjax.train import distributed as dist
@@ -763,6 +789,7 @@ def _cmd_train(a, main: bool) -> dict:
   if run["batch_size"] % a.grad_accum:
     raise _UsageError(f"--batch-size {run['batch_size']} is not divisible by --grad-accum "
                      f"{a.grad_accum}")
+  _check_mesh(a.sharding)
   # several processes: process 0 checks (and may clear) --out, on a filesystem they all share
   out = _train_out(a, run) if main else (Path(a.out) if a.out else None)
   dist.sync("peftjax_train_out")

@@ -231,6 +231,14 @@ def test_data_file_errors(capsys, files):
   line = one_error(capsys, "train", "--model", bert, "--data", files / "reviews.csv",
                    "--batch-size", "6", "--grad-accum", "4")
   assert "--batch-size 6 is not divisible by --grad-accum 4" in line
+  # --sharding: a bad mesh is argparse's one line; one that does not fit the devices is ours
+  line = one_error(capsys, "train", "--model", bert, "--data", files / "reviews.csv",
+                   "--sharding", "data=2,tp=2")
+  assert "argument --sharding: expected dp, fsdp or a mesh: mesh 'data=2,tp=2'" in line
+  line = one_error(capsys, "train", "--model", bert, "--data", files / "reviews.csv",
+                   "--sharding", "fsdp=-1,tensor=2")
+  assert line.endswith("--sharding fsdp=-1,tensor=2: 1 devices do not split into "
+                       "data*fsdp*tensor = [1, -1, 2] (JAX sees 1 device(s))"), line
   line = one_error(capsys, "train", "--model", bert, "--data", files / "text.txt")
   assert "a BertModel is not a decoder; language modelling needs a causal LM" in line
   line = one_error(capsys, "train", "--model", files / "llama", "--data", files / "reviews.csv",

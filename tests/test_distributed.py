@@ -1,7 +1,8 @@
 """Multi-process training on JAX's distributed runtime, sharded QLoRA, checkpoints across hosts.
 
 Two processes on this machine (a loopback coordinator on a free port, gloo CPU collectives, 2
-CPU devices each) train LoRA and QLoRA under data parallelism and FSDP; their losses and final
+CPU devices each) train LoRA and QLoRA under data parallelism and FSDP, and QLoRA on a (data=2,
+tensor=2) mesh (tensor parallelism within each process, data across them); their losses and final
 adapters must equal a single-process 4-device run and a 1-device run (f32, 1e-5). Checkpoints
 written by the 2 processes restore in 1 process bit-identically, and the reverse. The node
 sharding rules cover every registered node type, and QLoRA under FSDP on 8 devices really
@@ -30,7 +31,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150
 STEPS = 4
-CASES = [("lora", "dp"), ("lora", "fsdp"), ("qlora", "dp"), ("qlora", "fsdp")]
+# (method, TrainConfig.sharding); the mesh: tensor parallelism within each process, data across
+CASES = [("lora", "dp"), ("lora", "fsdp"), ("qlora", "dp"), ("qlora", "fsdp"),
+         ("qlora", "data=2,fsdp=1,tensor=2")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,8 +167,8 @@ def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, po
   from peftjax.models.sharding import make_mesh, shard_params
   assert jax.device_count() == 4 and jax.local_device_count() == 4 // nproc
   result = {}
-  # one process of 4 devices: FSDP only (its dp runs equal 1 device in test_train)
-  for method, mode in CASES if nproc > 1 else [c for c in CASES if c[1] == "fsdp"]:
+  # one process of 4 devices: FSDP and the mesh (its dp runs equal 1 device in test_train)
+  for method, mode in CASES if nproc > 1 else [c for c in CASES if c[1] != "dp"]:
     name = f"{method}-{mode}"
     # training checkpoints: written by the FSDP runs of the 2 processes (sharded state)
     ckpt = str(out / f"ckpt-{name}") if nproc > 1 and mode == "fsdp" else None
@@ -177,7 +180,7 @@ def _worker_train(out: pathlib.Path, ref: pathlib.Path, pid: int, nproc: int, po
       save_adapter(out / f"adapter-{name}", res.params)
     leaves = _adapter_leaves(res.params)
     entry = {"losses": [h["loss"] for h in res.history], "step": int(res.state.step)}
-    if method == "qlora" and mode == "fsdp":
+    if method == "qlora" and mode != "dp":
       codes = [x for x in jax.tree.leaves(res.params) if x.dtype == jnp.uint8 and x.ndim == 2]
       entry["codes_shard_bytes"] = [sorted({s.data.nbytes for s in x.addressable_shards})
                                     for x in codes]
@@ -266,7 +269,7 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
   for method in ("lora", "qlora"):
     res = _train(method, None)
     save_adapter(ref_dir / f"adapter-{method}-fsdp", res.params)
-    for mode in ("dp", "fsdp"):
+    for mode in {m for k, m in CASES if k == method}:
       ref[f"{method}-{mode}"] = ([h["loss"] for h in res.history], _adapter_leaves(res.params))
   port = _free_port()
   # the 2 processes are killed while they save checkpoints after their results are written
@@ -287,7 +290,7 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
     assert len(final2) == len(leaves) > 0
     for a, c in zip(final2, leaves):
       np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6, err_msg=name)
-    if mode == "fsdp":
+    if mode != "dp":
       np.testing.assert_allclose(out4[name]["losses"], losses, rtol=1e-5, err_msg=name)
       for b, c in zip(_npz(four / f"final-{name}.npz"), leaves):
         np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -336,6 +339,10 @@ def test_two_processes_equal_one_and_four_devices_and_checkpoints_cross_process_
   # QLoRA under FSDP: every packed-code array is split over the 4 devices of the 2 processes
   q = out2["qlora-fsdp"]
   assert q["codes_bytes"] and all(s == [b // 4] for s, b in zip(q["codes_shard_bytes"],
+                                                                 q["codes_bytes"])), q
+  # and on the (data=2, tensor=2) mesh, split in halves along tensor, repeated along data
+  q = out2["qlora-data=2,fsdp=1,tensor=2"]
+  assert q["codes_bytes"] and all(s == [b // 2] for s, b in zip(q["codes_shard_bytes"],
                                                                  q["codes_bytes"])), q
 
 

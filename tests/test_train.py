@@ -191,8 +191,17 @@ def test_resume_with_a_plain_iterator_skips_the_consumed_batches(tmp_path):
 
 
 def test_config_errors():
-  with pytest.raises(ValueError, match="sharding must be 'dp', 'fsdp' or None, got 'tp'"):
+  with pytest.raises(ValueError, match="sharding: mesh 'tp': expected axis=size pairs"):
     TrainConfig(sharding="tp")
+  with pytest.raises(ValueError, match="mesh 'data=2,tensor=0': tensor must be a positive"):
+    TrainConfig(sharding="data=2,tensor=0")
+  with pytest.raises(ValueError, match="mesh 'data=-1,fsdp=-1': at most one axis may be -1"):
+    TrainConfig(sharding="data=-1,fsdp=-1")
+  with pytest.raises(ValueError, match="sharding must be 'dp', 'fsdp', a mesh"):
+    TrainConfig(sharding=4)
+  tuned, loss, tokens = _setup()   # one device here: a mesh of 2 does not fit
+  with pytest.raises(ValueError, match=r"sharding 'tensor=2': mesh .* needs 2 devices, have 1"):
+    train(loss, tuned, _loader(tokens), _cfg(sharding="tensor=2"))
   with pytest.raises(ValueError, match="save_every must be a positive int, got 0"):
     TrainConfig(save_every=0)
   with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
@@ -240,18 +249,21 @@ _SHARDED = textwrap.dedent("""
   from peftjax.train import train
   assert len(jax.devices()) == 4
   out = {}
-  for mode in ("dp", "fsdp"):
+  for mode in ("dp", "fsdp", "data=1,fsdp=2,tensor=2"):
     tuned, loss, tokens = t._setup()
     res = train(loss, tuned, t._loader(tokens), t._cfg(sharding=mode))
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(res.params)
              if isinstance(x.sharding, jax.sharding.NamedSharding)}
     out[mode] = {"losses": [h["loss"] for h in res.history if "loss" in h],
-                 "sharded": any("fsdp" in s for s in specs)}
+                 "sharded": any("fsdp" in s for s in specs),
+                 # the up projections' [16, 32] kernels: the shape of each device's piece
+                 "pieces": sorted({x.addressable_shards[0].data.shape for x in
+                                   jax.tree.leaves(res.params) if x.shape == (16, 32)})}
   print("RESULT" + json.dumps(out))
 """)
 
 
-def test_dp_and_fsdp_match_one_device():
+def test_dp_fsdp_and_a_tensor_mesh_match_one_device():
   tuned, loss, tokens = _setup()
   ref = [h["loss"] for h in train(loss, tuned, _loader(tokens), _cfg()).history if "loss" in h]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -260,9 +272,11 @@ def test_dp_and_fsdp_match_one_device():
                         capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
-  for mode in ("dp", "fsdp"):
-    np.testing.assert_allclose(out[mode]["losses"], ref, rtol=1e-5)
+  for mode in out:
+    np.testing.assert_allclose(out[mode]["losses"], ref, rtol=1e-5, err_msg=mode)
   assert out["fsdp"]["sharded"] and not out["dp"]["sharded"]
+  # dp: whole; fsdp: rows over 4 devices; the mesh: rows over fsdp=2, columns over tensor=2
+  assert [out[m]["pieces"] for m in out] == [[[16, 32]], [[4, 32]], [[8, 16]]], out
 
 
 # ------------------------------------------------------------------------------------------------

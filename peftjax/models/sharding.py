@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["DEFAULT_RULES", "NODE_RULES", "axis_rules", "logical_axes", "spec_for",
            "param_specs", "param_shardings", "shard_params", "put_global", "make_mesh",
-           "batch_sharding"]
+           "mesh_shape", "batch_sharding"]
 
 #: Logical axis name -> mesh axis (or tuple of mesh axes, or None).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -415,6 +415,42 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
   arr = np.asarray(devices).reshape(sizes)
   return Mesh(arr, ("data", "fsdp", "tensor"),
               axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def mesh_shape(spec: str) -> dict:
+  """``"data=2,fsdp=-1,tensor=2"`` as ``{"data": 2, "fsdp": -1, "tensor": 2}`` (axes not named
+  are 1; one may be -1: the rest of the devices), for :func:`make_mesh`.
+
+  Raises:
+    ValueError: an unknown axis, an axis named twice, a size that is not a positive integer or
+      -1, or more than one -1; the message quotes ``spec``.
+
+  Example:
+    >>> mesh_shape("fsdp=-1,tensor=2")
+    {'data': 1, 'fsdp': -1, 'tensor': 2}
+  """
+  sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+  seen = set()
+  for part in str(spec).split(","):
+    name, eq, value = part.strip().partition("=")
+    name = name.strip()
+    if not eq or name not in sizes:
+      raise ValueError(f"mesh {spec!r}: expected axis=size pairs separated by commas, the axes "
+                       f"data, fsdp, tensor (e.g. 'data=2,fsdp=-1,tensor=2'); got {part!r}")
+    if name in seen:
+      raise ValueError(f"mesh {spec!r}: axis {name!r} is named twice")
+    seen.add(name)
+    try:
+      size = int(value)
+    except ValueError:
+      size = 0
+    if size < 1 and size != -1:
+      raise ValueError(f"mesh {spec!r}: {name} must be a positive integer or -1 (the rest of "
+                       f"the devices), got {value.strip()!r}")
+    sizes[name] = size
+  if list(sizes.values()).count(-1) > 1:
+    raise ValueError(f"mesh {spec!r}: at most one axis may be -1")
+  return sizes
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Optional[Iterable] = None,

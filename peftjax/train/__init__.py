@@ -9,8 +9,10 @@ steps, a progress bar (loss, tokens/s, ETA), metrics as JSON lines (and TensorBo
 ``tensorboardX``, ``torch.utils.tensorboard`` or ``tensorflow`` is installed), checkpoints that
 resume exactly (trainable state, optimizer state, PRNG key, step and the data loader's position,
 through :class:`peftjax.train.checkpoint.TrainCheckpointer`), and sharding over all visible devices:
-data parallel (``sharding="dp"``: the batch split over devices, parameters replicated) or FSDP
-(``"fsdp"``: parameters and optimizer state split by :mod:`peftjax.models.sharding`'s rules too).
+data parallel (``sharding="dp"``: the batch split over devices, parameters replicated), FSDP
+(``"fsdp"``: parameters and optimizer state split by :mod:`peftjax.models.sharding`'s rules too),
+or any ``(data, fsdp, tensor)`` mesh (``"data=2,fsdp=-1,tensor=2"``: tensor parallelism on heads,
+MLP and vocabulary as well).
 
 >>> import jax, jax.numpy as jnp, numpy as np, peftjax
 >>> from peftjax.train import TrainConfig, train
@@ -62,7 +64,8 @@ class TrainConfig:
   seed: int = 0
   out_dir: Optional[str] = None      # metrics.jsonl (and TensorBoard events) go here
   progress: bool = True
-  sharding: Optional[str] = None     # "dp" | "fsdp" | None (dp when there are several devices)
+  # "dp" | "fsdp" | a mesh "data=D,fsdp=F,tensor=T" | None (dp when there are several devices)
+  sharding: Optional[str] = None
   checkpoint_dir: Optional[str] = None  # save here; resume from the latest checkpoint here
   save_every: int = 100              # checkpoint every N steps (and at the last step)
   keep_checkpoints: int = 2
@@ -86,7 +89,14 @@ class TrainConfig:
     if self.warmup_steps < 0 or self.warmup_steps >= self.steps and self.warmup_steps:
       raise ValueError(f"TrainConfig.warmup_steps must be in [0, steps), got {self.warmup_steps}")
     if self.sharding not in (None, "dp", "fsdp"):
-      raise ValueError(f"TrainConfig.sharding must be 'dp', 'fsdp' or None, got {self.sharding!r}")
+      from peftjax.models.sharding import mesh_shape
+      if not isinstance(self.sharding, str):
+        raise ValueError(f"TrainConfig.sharding must be 'dp', 'fsdp', a mesh such as "
+                         f"'data=2,fsdp=-1,tensor=2', or None; got {self.sharding!r}")
+      try:
+        mesh_shape(self.sharding)
+      except ValueError as e:
+        raise ValueError(f"TrainConfig.sharding: {e}") from None
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -233,14 +243,33 @@ class _Placement(NamedTuple):
 
 
 def _placement(mode: Optional[str]) -> Optional[_Placement]:
-  """The mesh over all devices for ``mode`` (None with one device and no explicit mode)."""
+  """The mesh over all devices for ``mode`` (None with one device and a one-device mode).
+
+  ``dp``: ``data`` over all devices; ``fsdp``: ``fsdp`` over all of them; a mesh spec
+  (``"data=2,fsdp=-1,tensor=2"``): that ``(data, fsdp, tensor)`` mesh, parameters placed by
+  :mod:`peftjax.models.sharding`'s rules (FSDP on the hidden axis, tensor parallelism on heads,
+  MLP and vocabulary). The batch is split over ``data`` x ``fsdp`` and repeated along ``tensor``.
+  """
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from peftjax.models.sharding import make_mesh
+  from peftjax.models.sharding import make_mesh, mesh_shape
   devices = jax.devices()
-  if len(devices) == 1:
+  shape = None if mode in (None, "dp", "fsdp") else mesh_shape(mode)
+  if len(devices) == 1 and (shape is None or all(v in (1, -1) for v in shape.values())):
     return None
-  mesh = make_mesh(fsdp=-1) if mode == "fsdp" else make_mesh(data=-1, fsdp=1)
-  return _Placement(mesh, NamedSharding(mesh, P(("data", "fsdp"))), mode == "fsdp")
+  if shape is None:
+    mesh = make_mesh(fsdp=-1) if mode == "fsdp" else make_mesh(data=-1, fsdp=1)
+  else:
+    try:
+      mesh = make_mesh(**shape)
+    except ValueError as e:
+      raise ValueError(f"TrainConfig.sharding {mode!r}: {e}") from None
+    tensor = mesh.shape["tensor"]
+    if dist.multi_process() and jax.local_device_count() % tensor:
+      raise ValueError(f"TrainConfig.sharding {mode!r}: tensor={tensor} must divide each "
+                       f"process's {jax.local_device_count()} devices (tensor-parallel groups "
+                       f"stay within a process, which feeds them the same rows)")
+  return _Placement(mesh, NamedSharding(mesh, P(("data", "fsdp"))), mode != "dp" and
+                    mode is not None)
 
 
 def _place_params(tree, placement: Optional[_Placement]):
@@ -261,11 +290,6 @@ def _like(tree, template):
                       else x, tree, template)
 
 
-def _data_sharding():
-  p = _placement("dp")
-  return None if p is None else p.batch
-
-
 def _local_rows(data) -> bool:
   """Whether ``data`` yields this process's rows of each global batch (it says so with a
   ``process_count`` equal to the number of processes) rather than whole global batches."""
@@ -277,14 +301,15 @@ def _put_batch(batch, sharding, local_rows: bool = False):
   from the global batch unless ``local_rows``)."""
   if sharding is None:
     return jax.tree.map(jnp.asarray, batch)
-  n = sharding.mesh.size
+  n = sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"]   # repeated along "tensor"
   procs = jax.process_count()
   if procs > 1 and not local_rows:
     batch = dist.process_rows(batch)
   for x in jax.tree.leaves(batch):
     size = np.shape(x)[0] * (procs if procs > 1 else 1)
     if size % n:
-      raise ValueError(f"batch size {size} is not divisible by the {n} devices")
+      raise ValueError(f"batch size {size} is not divisible by the {n} devices of the mesh's "
+                       f"data x fsdp axes")
   return dist.global_batch(batch, sharding)
 
 
