@@ -34,6 +34,12 @@ METHODS = {
                       "1e-2 diverged in our run (Li & Liang train the MLP at 5e-5 for epochs)"),
     "prompt": ("prompt", ["--n-tokens", "20"], 3e-2, "prompt tuning: large lr (Lester et al. 0.3 "
                "with Adafactor; 3e-2 with Adam is HF PEFT's usual)"),
+    "dora": ("dora", ["--rank", "8", "--alpha", "16"], 1e-3, "as LoRA (Liu et al. 2024 use "
+             "LoRA's rates)"),
+    "vera": ("vera", ["--rank", "256"], 1e-2, "only scaling vectors train: a large lr (Kopiczko "
+             "et al.: 1e-2 to 4e-2 on GLUE)"),
+    "lokr": ("lokr", ["--rank", "8", "--alpha", "16"], 1e-3, "as LoRA"),
+    "oft": ("oft", ["--block-size", "32"], 1e-3, "Qiu et al.: 6e-5 to 1e-3"),
 }
 
 
@@ -136,7 +142,10 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
           and r.get("loss_first") is not None],
         "- LoRA/QLoRA: r=8, alpha=16 on all seven linear layers of every block. Prefix: 20 "
         "key/value prefixes per layer through the reparameterization MLP (hidden 512). Prompt: 20 "
-        "soft tokens initialized from vocabulary embeddings.",
+        "soft tokens initialized from vocabulary embeddings. DoRA and LoKr (r=8, alpha=16), VeRA "
+        "(r=256, shared frozen projections, trained scaling vectors) and OFT (block size 32) on "
+        "the same seven linear layers; each LoRA-family row ran at one rate from its paper's "
+        "range (no sweep: the rates are in the JSON with their reasons).",
         f"- Machine: {info.get('cpus')} CPUs, {info.get('backend')}, jax {info.get('jax')}. "
         + _runner.load_note(results, info.get("cpus")),
         "",

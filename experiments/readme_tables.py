@@ -51,7 +51,8 @@ def classification_table(results: dict) -> str:
 #: compare_lm.py's method names as the README spells them.
 LM_NAMES = {"full": "full fine-tuning", "lora": "LoRA r=8", "qlora": "QLoRA r=8 (NF4)",
             "prompt": "prompt tuning, 20 tokens", "prefix": "prefix tuning, 20 (MLP)",
-            "prefix-lr1e-3": "prefix tuning, 20 (MLP)"}
+            "prefix-lr1e-3": "prefix tuning, 20 (MLP)", "dora": "DoRA r=8", "vera": "VeRA r=256",
+            "lokr": "LoKr r=8", "oft": "OFT, blocks of 32"}
 
 
 def lm_table(results: dict) -> str:
@@ -77,8 +78,8 @@ def lm_table(results: dict) -> str:
 #: docs/methods.md's "Measured" blocks: block key -> (compare_lm rows, compare_classification rows).
 MEASURED = {
     "full": (["full"], ["full"]), "lora": (["lora"], ["lora"]), "qlora": (["qlora"], ["qlora"]),
-    "dora": ([], ["dora"]), "vera": ([], ["vera"]), "loha": ([], ["loha"]),
-    "lokr": ([], ["lokr"]), "oft": ([], ["oft"]),
+    "dora": (["dora"], ["dora"]), "vera": (["vera"], ["vera"]), "loha": ([], ["loha"]),
+    "lokr": (["lokr"], ["lokr"]), "oft": (["oft"], ["oft"]),
     "adapters": ([], ["adapter-houlsby", "adapter-pfeiffer"]), "ia3": ([], ["ia3"]),
     "bitfit": ([], ["bitfit"]), "partial": ([], ["partial"]),
     "diff_pruning": ([], ["diff_pruning"]), "prompt": (["prompt"], ["prompt"]),
