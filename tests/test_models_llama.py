@@ -433,10 +433,22 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       with tempfile.TemporaryDirectory() as d:
         save_pretrained(params, model.config, d)
         _, lp, _ = from_pretrained(d, scan_layers=scan, mesh=mesh, tokenizer=False)
+        # quantized while loading, straight onto the mesh (each packed kernel as it is packed)
+        _, lq, _ = from_pretrained(d, scan_layers=scan, mesh=mesh, tokenizer=False,
+                                   quantize="nf4")
       same = jax.tree_util.tree_map(
           lambda a, b: bool(a.sharding == b.sharding and (np.asarray(a) == np.asarray(b)).all()),
           lp, sp)
       out["mesh_load_same"] = all(jax.tree_util.tree_leaves(same))
+      from peftjax import quant
+      rq = shard_params(quant.quantize(params, **quant.quantize_options("nf4")), mesh)
+      lq_leaves, rq_leaves = jax.tree_util.tree_leaves(lq), jax.tree_util.tree_leaves(rq)
+      out["mesh_quant_same"] = len(lq_leaves) == len(rq_leaves) and all(
+          a.dtype == b.dtype and a.sharding == b.sharding and
+          (np.asarray(a) == np.asarray(b)).all() for a, b in zip(lq_leaves, rq_leaves))
+      codes = [x for x in lq_leaves if x.dtype == jnp.uint8 and x.ndim >= 2]
+      out["mesh_quant_codes"] = [(x.nbytes, sorted({sh.data.nbytes for sh in x.addressable_shards}))
+                                 for x in codes]
     # a LoRA training step: same loss and updated adapters on 8 devices as on one
     try:
       import peftjax
@@ -492,7 +504,10 @@ def test_sharded_on_8_devices_equals_single_device():
   print({k: {kk: vv for kk, vv in v.items() if kk != "specs"} if isinstance(v, dict) else v
          for k, v in res.items()})
   r = res["llama_scanTrue"]
-  assert r["fwd"] < 1e-5 and res["mesh_load_same"]
+  assert r["fwd"] < 1e-5 and res["mesh_load_same"] and res["mesh_quant_same"]
+  # the 7 kernels' packed codes and double-quantized scales (uint8): each split over the mesh
+  codes = res["mesh_quant_codes"]
+  assert len(codes) == 14 and all(len(per) == 1 and per[0] < total for total, per in codes), codes
   specs = res["llama_scanTrue"]["specs"]
   assert specs["layers/self_attn/q_proj/kernel"] == "P(None, 'fsdp', 'tensor')"
   assert specs["layers/mlp/down_proj/kernel"] == "P(None, 'tensor', 'fsdp')"

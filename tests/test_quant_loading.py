@@ -108,9 +108,6 @@ def test_bad_quantize_arguments_name_the_value(llama_dir, tmp_path):
     load(quantize={"targets": r".*(q_proj/kernel|layernorm/scale)"})
   with pytest.raises(ValueError, match="matched no parameter"):
     load(quantize={"targets": "nothing"})
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
-  with pytest.raises(ValueError, match="quantize= with mesh= is not supported"):
-    load(quantize="nf4", mesh=mesh)
   # an integer tensor where a kernel is targeted
   from peftjax.io.safetensors import SafetensorsFile, write_safetensors
   d = tmp_path / "int"

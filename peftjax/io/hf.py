@@ -211,9 +211,6 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
     raise ValueError("pass at most one of device and mesh")
   from peftjax import quant as _quant
   qopts = _quant.quantize_options(quantize)
-  if qopts is not None and mesh is not None:
-    raise ValueError("quantize= with mesh= is not supported yet: load quantized on one device "
-                     "(device=) or load unquantized onto the mesh")
   specs, prefixes, ignore = model_tensor_map(model)
   expected = _expected_shapes(model)
   names = source.names()
@@ -264,7 +261,14 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
     # dropped before the next is read; only the packed arrays are kept.
     layers = (np.asarray(fetch(n, layer_shape, tp), np.float32) for n in hf_names)
     node = _quant.quantize_layers(shape, np.float32, layers, **qtargets[tp])
-    return node if device is None else jax.device_put(node, device)
+    if mesh is None:
+      return node if device is None else jax.device_put(node, device)
+    # Onto the mesh as soon as it is packed, by the node's sharding rule (codes and scales split
+    # in whole blocks along the kernel's axes), so each device keeps only its shard of it.
+    from peftjax.models import sharding
+    one: dict = {}
+    _assign(one, tp, node)
+    return _lookup(sharding.shard_params(one, mesh, rules), tp)
 
   for spec in specs:
     if spec.layer:
@@ -417,7 +421,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype
       :class:`~peftjax.quant.QuantizedWeight`, bit-identical to ``peftjax.quant.quantize`` of the
       float32 tree; ``dtype`` then applies to the other leaves (``jnp.bfloat16`` is the usual
       QLoRA choice) and the kernels dequantize to ``compute_dtype`` (default: the model's).
-      :func:`peftjax.qlora.apply` puts LoRA on the quantized kernels of such a tree.
+      :func:`peftjax.qlora.apply` puts LoRA on the quantized kernels of such a tree. With
+      ``mesh``, each packed kernel goes onto the mesh as soon as it is packed (codes and scales
+      split in whole blocks, as :func:`~peftjax.models.shard_params` splits a
+      ``QuantizedWeight``), so every device ends with only its shard.
 
   Returns:
     :class:`Pretrained` ``(model, params, tokenizer)``.
