@@ -163,12 +163,21 @@ def write_tiny_gguf(hf_model, path, *, quantize=(), arch="llama", tokenizer=True
   """Writes ``hf_model`` (a tiny HF Llama) as a llama.cpp-style GGUF file.
 
   q/k weights are permuted as llama.cpp's converter does; tensors named in ``quantize`` (GGUF names)
-  are stored as Q8_0. Returns the HF-layout float32 weights as the file holds them (after
-  quantization round trip), keyed by HF name, so a reference model can use exactly those.
+  are stored as Q8_0 (or, a dict, ``{name: "Q4_0" | "Q4_1" | "Q8_0"}``). Returns the HF-layout
+  float32 weights as the file holds them (after quantization round trip), keyed by HF name, so a
+  reference model can use exactly those.
   """
+  state = {k: t.detach().float().numpy().copy() for k, t in hf_model.state_dict().items()}
+  return write_gguf(state, hf_model.config, path, quantize=quantize, arch=arch,
+                    tokenizer=tokenizer)
+
+
+def write_gguf(state: dict, cfg, path, *, quantize=(), arch="llama", tokenizer=True):
+  """:func:`write_tiny_gguf` of HF-named float32 arrays and a config with transformers' field
+  names (``num_hidden_layers``, ``num_attention_heads``, ``rope_parameters``, ...)."""
   import gguf
   from peftjax.io.gguf import gguf_name_for, permute_for_gguf, unpermute_from_gguf
-  cfg = hf_model.config
+  types = quantize if isinstance(quantize, dict) else {n: "Q8_0" for n in quantize}
   w = gguf.GGUFWriter(str(path), arch)
   w.add_name("tiny test model")
   w.add_block_count(cfg.num_hidden_layers)
@@ -196,19 +205,20 @@ def write_tiny_gguf(hf_model, path, *, quantize=(), arch="llama", tokenizer=True
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                         "<|im_end|>\n{% endfor %}")
   used = {}
-  for name, t in hf_model.state_dict().items():
+  for name, a in state.items():
     g = gguf_name_for(name)
     if g is None:
       continue
-    a = t.detach().float().numpy().copy()
+    a = np.array(a, np.float32)
     if name.endswith("q_proj.weight"):
       a = permute_for_gguf(a, cfg.num_attention_heads)
     elif name.endswith("k_proj.weight"):
       a = permute_for_gguf(a, cfg.num_key_value_heads)
-    if g in quantize:
-      q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-      w.add_tensor(g, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-      a = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(a.shape)
+    if g in types:
+      kind = gguf.GGMLQuantizationType[types[g]]
+      q = gguf.quants.quantize(a, kind)
+      w.add_tensor(g, q, raw_dtype=kind)
+      a = gguf.quants.dequantize(q, kind).reshape(a.shape)
     else:
       w.add_tensor(g, a)
     if name.endswith("q_proj.weight"):

@@ -174,3 +174,93 @@ def test_loading_never_holds_the_f32_model(tmp_path):
   # the packed model is ~0.17x here; the rest is one layer's temporaries and a fixed overhead
   assert r["quantized"] < 0.6 * f32, r
   assert r["f32"] < 1.3 * f32, r
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF: the file's own 4-bit / 8-bit blocks kept as they are
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def block_gguf(tmp_path_factory, llama_dir):
+  """The tiny Llama as a GGUF file whose kernels are Q4_1 (MLP), Q4_0 (q, k: permuted rows),
+  Q8_0 (v, o) and, for layer 1's up projection, F32 (so that stack is not one kind)."""
+  pytest.importorskip("gguf")
+  from types import SimpleNamespace
+  from _model_fixtures import write_gguf
+  from peftjax.io.safetensors import SafetensorsFile
+  cfg = json.loads((llama_dir / "config.json").read_text())
+  with SafetensorsFile(llama_dir / "model.safetensors") as f:
+    state = {k: f.get(k) for k in f.keys()}
+  hf_cfg = SimpleNamespace(**{**cfg, "rope_parameters": cfg.get("rope_parameters") or
+                              {"rope_theta": cfg.get("rope_theta", 1e4)}})
+  kinds = {}
+  for i in range(cfg["num_hidden_layers"]):
+    kinds.update({f"blk.{i}.ffn_gate.weight": "Q4_1", f"blk.{i}.ffn_down.weight": "Q4_1",
+                  f"blk.{i}.attn_q.weight": "Q4_0", f"blk.{i}.attn_k.weight": "Q4_0",
+                  f"blk.{i}.attn_v.weight": "Q8_0", f"blk.{i}.attn_output.weight": "Q8_0"})
+  kinds["blk.0.ffn_up.weight"] = "Q4_1"
+  path = tmp_path_factory.mktemp("gguf") / "blocks.gguf"
+  write_gguf(state, hf_cfg, path, quantize=kinds, tokenizer=False)
+  return path
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_gguf_blocks_are_kept_bit_for_bit(block_gguf, scan):
+  from peftjax.io import from_gguf
+  model, f32, _ = from_gguf(block_gguf, tokenizer=False, scan_layers=scan)
+  _, q, _ = from_gguf(block_gguf, tokenizer=False, scan_layers=scan, quantize=True)
+  ref = _leaves(f32)
+  kinds = {}
+  for k, v in _leaves(q).items():
+    if not is_q(v):
+      continue
+    kinds[k] = (v.format, v.block_size, v.mins is not None)
+    if v.format != "nf4":   # kept: exactly the weights the file holds (gguf's dequantization)
+      assert np.array_equal(np.asarray(v.materialize()), np.asarray(ref[k])), k
+  for layer in ((0,) if scan else (0, 1)):
+    at = (lambda n: kinds[f"['layers']{n}"]) if scan else (lambda n: kinds[f"['layers_{layer}']{n}"])
+    assert at("['mlp']['gate_proj']['kernel']") == ("int4", 32, True)         # Q4_1
+    assert at("['self_attn']['q_proj']['kernel']") == ("int4", 32, False)     # Q4_0
+    assert at("['self_attn']['v_proj']['kernel']") == ("int8", 32, False)     # Q8_0
+  # up_proj: Q4_1 in layer 0, F32 in layer 1: a stack of mixed kinds is quantized (NF4) whole
+  up = kinds["['layers']['mlp']['up_proj']['kernel']"] if scan else \
+      kinds["['layers_1']['mlp']['up_proj']['kernel']"]
+  assert up == ("nf4", 64, False)
+  # gguf_blocks=False: every target quantized from float32, as before
+  _, nf, _ = from_gguf(block_gguf, tokenizer=False, scan_layers=scan, quantize=True,
+                       gguf_blocks=False)
+  assert {v.format for v in _leaves(nf).values() if is_q(v)} == {"nf4"}
+
+
+def test_kept_gguf_blocks_train_as_qlora_on_the_files_weights(block_gguf):
+  """QLoRA on the kept blocks (Q4_1 with offsets, Q4_0, Q8_0; and the one NF4 stack) is LoRA on
+  the dequantized base: the same loss and LoRA gradients (f32, jit and not), also through the
+  chunked dequantizing matmul."""
+  from peftjax._src.quant import matmul
+  from peftjax.io import from_gguf
+  model, q, _ = from_gguf(block_gguf, tokenizer=False, scan_layers=True, quantize=True)
+  key = jax.random.key(3)
+  lora = peftjax.lora.apply(peftjax.quant.dequantize(q), rank=4, key=key)
+  qlora = peftjax.qlora.apply(q, rank=4, key=key)
+  ids = np.random.default_rng(0).integers(0, 128, (2, 9)).astype(np.int32)
+  fwd = peftjax.lift(model.apply)
+
+  def loss(tree):
+    logits = fwd({"params": tree}, ids[:, :-1])
+    logp = jax.nn.log_softmax(logits, -1)
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+
+  def lora_grads(tree):
+    trainable, frozen = peftjax.split(tree)
+    return jax.value_and_grad(lambda t: loss(peftjax.combine(t, frozen)))(trainable)
+  want_l, want_g = jax.jit(lora_grads)(lora)
+  for jit in (True, False):
+    for chunk in (matmul.CHUNK_VALUES, 64):   # 64: every kernel dequantized in chunks
+      old, matmul.CHUNK_VALUES = matmul.CHUNK_VALUES, chunk
+      try:
+        got_l, got_g = (jax.jit(lora_grads) if jit else lora_grads)(qlora)
+      finally:
+        matmul.CHUNK_VALUES = old
+      np.testing.assert_allclose(float(got_l), float(want_l), rtol=1e-5)
+      for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -145,12 +145,56 @@ class GGUFSource:
       raise ValueError(f"{self.description}: cannot dequantize tensor {t.name!r} "
                        f"({t.tensor_type.name}): {type(e).__name__}: {e}") from None
     w = np.asarray(w, dtype=np.float32).reshape(self.shape(name))
-    if self._permuted:
-      if ".self_attn.q_proj." in name:
-        w = unpermute_from_gguf(w, self._cfg.num_heads)
-      elif ".self_attn.k_proj." in name:
-        w = unpermute_from_gguf(w, self._cfg.num_kv_heads)
-    return w
+    heads = self._heads(name)
+    return w if heads is None else unpermute_from_gguf(w, heads)
+
+
+  def blocks(self, name: str) -> Optional[dict]:
+    """The tensor's own quantized blocks in :class:`~peftjax.quant.QuantizedWeight`'s storage
+    layout (one row per output, ``[N, ...]``; q/k rows unpermuted as :meth:`get` unpermutes
+    them), or None for a type that has no exact equivalent.
+
+    ``Q4_0`` (``d * (q - 8)``) is ``int4``; ``Q4_1`` (``d * q + m``) is ``int4`` with ``mins``;
+    ``Q8_0`` (``d * q``) is ``int8``; all in blocks of 32 along the input, the 4-bit codes paired
+    as ours are (byte ``j`` holds elements ``j`` and ``j + 16``), the scales float16 as stored.
+    Returns ``{"format", "block_size", "codes", "scales"[, "mins"]}``.
+    """
+    t = self._tensors[name]
+    kind = _NATIVE_BLOCKS.get(t.tensor_type.name)
+    shape = self.shape(name)
+    if kind is None or len(shape) != 2 or shape[1] % 32:
+      return None
+    fmt, has_min = kind
+    n_out, k = shape
+    raw = np.asarray(t.data, np.uint8).reshape(n_out, k // 32, -1)
+    head = 4 if has_min else 2
+    out = {"format": fmt, "block_size": 32,
+           "scales": np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0]}
+    if has_min:
+      out["mins"] = np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0]
+    codes = np.ascontiguousarray(raw[..., head:]).reshape(n_out, -1)
+    out["codes"] = codes.view(np.int8) if fmt == "int8" else codes
+    heads = self._heads(name)
+    if heads is not None:   # the rows of the unpermuted weight, as get() unpermutes them
+      rows = unpermute_from_gguf(np.arange(n_out), heads)
+      for f in ("codes", "scales", "mins"):
+        if f in out:
+          out[f] = out[f][rows]
+    return out
+
+  def _heads(self, name: str) -> Optional[int]:
+    if not self._permuted:
+      return None
+    if ".self_attn.q_proj." in name:
+      return self._cfg.num_heads
+    if ".self_attn.k_proj." in name:
+      return self._cfg.num_kv_heads
+    return None
+
+
+#: GGUF block types kept as they are by ``from_gguf(quantize=..., gguf_blocks=True)``:
+#: type -> (our format, has per-block offsets).
+_NATIVE_BLOCKS = {"Q4_0": ("int4", False), "Q4_1": ("int4", True), "Q8_0": ("int8", False)}
 
 
 def _f32(v) -> float:
@@ -314,7 +358,8 @@ def gguf_tokenizer(reader, path="<gguf>"):
 
 def from_gguf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
               scan_layers: bool = False, remat: Any = False, tokenizer: bool = True,
-              strict: bool = True, device=None, mesh=None, quantize: Any = None) -> Pretrained:
+              strict: bool = True, device=None, mesh=None, quantize: Any = None,
+              gguf_blocks: bool = True) -> Pretrained:
   """Loads a Llama-family GGUF file: dequantized weights, config and tokenizer from the metadata.
 
   Args:
@@ -330,6 +375,12 @@ def from_gguf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
     quantize: quantize while loading, as for :func:`peftjax.io.from_pretrained`: each target
       tensor is dequantized from its GGUF blocks to float32 on its own and quantized at once, so
       no float32 copy of the whole model ever exists.
+    gguf_blocks: with ``quantize``, a target kernel that the file stores as ``Q4_0``, ``Q4_1``
+      or ``Q8_0`` (every layer of a stack) keeps those blocks as they are: ``int4``, ``int4``
+      with per-block offsets (``mins``), ``int8``, blocks of 32 with float16 scales (5 bits a
+      weight for ``Q4_1``). The kernel then equals the file's weights exactly (bit for bit what
+      ``gguf`` dequantizes), with no second rounding; the other targets are quantized with
+      ``quantize``'s options. ``False``: every target is quantized from its float32 values.
 
   Returns:
     :class:`~peftjax.io.Pretrained` ``(model, params, tokenizer)``.
@@ -348,6 +399,7 @@ def from_gguf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None,
   model = _llama.LlamaForCausalLM(cfg, scan_layers=scan_layers, remat=remat, dtype=compute_dtype,
                                   param_dtype=dtype)
   params = load_params(model, GGUFSource(reader, path, cfg, permuted), dtype=dtype, strict=strict,
-                       device=device, mesh=mesh, init_missing_heads=False, quantize=quantize)
+                       device=device, mesh=mesh, init_missing_heads=False, quantize=quantize,
+                       native_blocks=gguf_blocks)
   tok = gguf_tokenizer(reader, path) if tokenizer else None
   return Pretrained(model, params, tok)

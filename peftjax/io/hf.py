@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import zlib
@@ -182,7 +183,8 @@ def _quant_targets(model, expected, specs, prefix, source, qopts: dict, scan: bo
 
 def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
                 init_missing_heads: bool = True, key: Optional[jax.Array] = None,
-                device=None, mesh=None, rules=None, quantize: Any = None) -> Any:
+                device=None, mesh=None, rules=None, quantize: Any = None,
+                native_blocks: bool = False) -> Any:
   """Fills ``model``'s parameters from ``source`` (HF names and layouts).
 
   Args:
@@ -198,6 +200,9 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
       whole model.
     rules: logical axis rules for ``mesh``.
     quantize: quantize the target kernels while reading them (see :func:`from_pretrained`).
+    native_blocks: with ``quantize``, a target kernel whose every tensor ``source.blocks(name)``
+      gives as ready storage arrays (a GGUF file's ``Q4_0``/``Q4_1``/``Q8_0`` blocks) is built
+      from them as they are, not quantized again.
 
   Returns:
     The parameter tree.
@@ -210,6 +215,7 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
   if mesh is not None and device is not None:
     raise ValueError("pass at most one of device and mesh")
   from peftjax import quant as _quant
+  from peftjax._src.quant import core as core_quant
   qopts = _quant.quantize_options(quantize)
   specs, prefixes, ignore = model_tensor_map(model)
   expected = _expected_shapes(model)
@@ -256,11 +262,32 @@ def load_params(model, source, *, dtype=jnp.float32, strict: bool = True,
                        f"{model.config})")
     return arr
 
+  def kept(hf_names, shape, layer_shape, tp):
+    # The file's own blocks, when every layer has the same exact kind (else None: quantize).
+    if not hasattr(source, "blocks"):
+      return None
+    reals = [_resolve(n, names) for n in hf_names]
+    parts = [source.blocks(r) for r in reals]
+    if any(b is None for b in parts) or len({(b["format"], "mins" in b) for b in parts}) != 1:
+      return None
+    n_out = math.prod(layer_shape[1:]) if len(layer_shape) > 1 else 0
+    if tuple(source.shape(reals[0])) != (n_out, layer_shape[0]):
+      return None   # not a plain [in, out] kernel of an [out, in] tensor
+    used.update(reals)
+    opts = qtargets[tp]
+    fmt, block = parts[0]["format"], parts[0]["block_size"]
+    layers = ({f: v for f, v in b.items() if f not in ("format", "block_size")} for b in parts)
+    return core_quant.from_blocks(shape, np.float32, layers, format=fmt, block_size=block,
+                                  layout=opts["layout"], compute_dtype=opts["compute_dtype"],
+                                  kernel=opts["kernel"], path=opts["path"])
+
   def quantized(hf_names, shape, layer_shape, tp):
     # One float32 tensor (one layer of a stack) exists at a time: each is read, quantized and
     # dropped before the next is read; only the packed arrays are kept.
-    layers = (np.asarray(fetch(n, layer_shape, tp), np.float32) for n in hf_names)
-    node = _quant.quantize_layers(shape, np.float32, layers, **qtargets[tp])
+    node = kept(hf_names, shape, layer_shape, tp) if native_blocks else None
+    if node is None:
+      layers = (np.asarray(fetch(n, layer_shape, tp), np.float32) for n in hf_names)
+      node = _quant.quantize_layers(shape, np.float32, layers, **qtargets[tp])
     if mesh is None:
       return node if device is None else jax.device_put(node, device)
     # Onto the mesh as soon as it is packed, by the node's sharding rule (codes and scales split

@@ -209,7 +209,7 @@ def _ia3_rule(node, f, shp, base_names):
 
 
 def _quantized_layout(node, base_names):
-  """Logical names of ``QuantizedWeight``'s storage: ``codes``/``scales``/``zeros``
+  """Logical names of ``QuantizedWeight``'s storage: ``codes``/``scales``/``zeros``/``mins``
   ``[*S, N, ...]`` are stored transposed, so their row axis is the kernel's output axis and their
   last axis its (blocked) input axis; the double-quantized scales are flat per layer, ``[*S, P]``
   in row-major ``[N, nb]`` order, so they follow the output axis."""
@@ -249,7 +249,7 @@ def _quantized_specs(node, base_names, mesh_shape, rules):
         placed.add(a)
         break
   changes = {}
-  for f in ("codes", "scales", "zeros"):
+  for f in ("codes", "scales", "zeros", "mins"):
     x = getattr(node, f)
     if x is not None:
       changes[f] = P(*block_spec) if np.ndim(x) == len(block_spec) else P()

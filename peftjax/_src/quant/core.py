@@ -21,6 +21,9 @@ quantizes:
   ``qscales`` ``uint8 [*S, P]`` and ``qscales_absmax`` ``float32 [*S, P/256]`` (the block absmax
   rounded up to a power of two: see :func:`_double_quantize`).
 * ``zeros``: ``uint8 [*S, N, nb]`` zero points (``int4`` asymmetric only).
+* ``mins``: ``float16 [*S, N, nb]`` per-block offsets of GGUF's ``Q4_1`` blocks (``int4`` only):
+  an element is ``code * scale + min``, in that order, as llama.cpp and ``gguf`` dequantize
+  (:func:`peftjax.io.gguf` maps such blocks as they are, with no requantization).
 
 Every array leaf carries the layer axes first, so slicing all leaves at layer ``l`` (what
 ``lax.scan`` does) gives the layer-``l`` node; the logical shape is derived from the leaves.
@@ -39,7 +42,7 @@ import numpy as np
 from peftjax._src.nodes import Node, node_dataclass, static_field, is_node
 from peftjax._src.quant import formats as F
 
-__all__ = ["QuantizedWeight", "quantize_array", "quantize_layers", "dequantize_t",
+__all__ = ["QuantizedWeight", "quantize_array", "quantize_layers", "from_blocks", "dequantize_t",
            "dequantize_scales", "KERNELS"]
 
 #: Values of ``QuantizedWeight.kernel``: which matmul implementation the node's rule uses.
@@ -60,11 +63,14 @@ class QuantizedWeight(Node):
 
   Attributes:
     codes: ``uint8 [*S, N, Kp/2]`` packed 4-bit codes, or ``int8 [*S, N, Kp]``.
-    scales: ``float32 [*S, N, nb]`` per-block scales, or ``None`` with double quantization.
+    scales: ``float32 [*S, N, nb]`` per-block scales (``float16`` for blocks kept from a GGUF
+      file), or ``None`` with double quantization.
     qscales: ``uint8 [*S, P]`` 8-bit codes of ``scales - offset`` (double quantization) or ``None``.
     qscales_absmax: ``float32 [*S, P/256]`` second-level absmax, or ``None``.
     qscales_offset: ``float32 [*S]`` mean of the scales, or ``None``.
     zeros: ``uint8 [*S, N, nb]`` zero points of asymmetric ``int4``, or ``None``.
+    mins: ``float16``/``float32 [*S, N, nb]`` block offsets (GGUF ``Q4_1``:
+      ``code * scale + min``), or ``None``.
     format: ``"nf4" | "fp4" | "int4" | "int8"``.
     block_size: ``B``, values per block (``Kp = nb * B``).
     in_shape: the input axes ``I`` (``K = prod(I)``; usually one axis).
@@ -79,6 +85,7 @@ class QuantizedWeight(Node):
   qscales_absmax: Any = None
   qscales_offset: Any = None
   zeros: Any = None
+  mins: Any = None
   format: str = static_field(default="nf4")
   block_size: int = static_field(default=64)
   in_shape: tuple = static_field(default=())
@@ -115,7 +122,7 @@ class QuantizedWeight(Node):
 
   @property
   def symmetric(self) -> bool:
-    return self.zeros is None
+    return self.zeros is None and self.mins is None
 
   @property
   def in_features(self) -> int:
@@ -314,7 +321,7 @@ def _materialize(q: QuantizedWeight) -> jax.Array:
 def dequantize_scales(q: QuantizedWeight) -> jax.Array:
   """The per-block scales ``float32 [*S, N, nb]`` (undoing double quantization if present)."""
   if q.qscales is None:
-    return q.scales
+    return q.scales.astype(jnp.float32)   # float16 as a GGUF file stores them: exact
   s_shape = q.qscales.shape[:-1]
   p = q.qscales.shape[-1]
   r = jnp.asarray(F.DYNAMIC8)[q.qscales].reshape(s_shape + (p // F.DQ_BLOCK, F.DQ_BLOCK))
@@ -348,6 +355,10 @@ def decode(codes, fmt: str, zeros=None):
 def dequantize_t(q: QuantizedWeight) -> jax.Array:
   """The dequantized, transposed, padded kernel ``float32 [*S, N, Kp]``."""
   scales = dequantize_scales(q)                                   # [*S, N, nb]
+  if q.mins is not None:  # GGUF Q4_1: code * d + m, the gguf reference's order of operations
+    mins = q.mins.astype(jnp.float32)[..., None]
+    w = unpack_codes(q).astype(jnp.float32) * scales[..., None] + mins
+    return w.reshape(q.codes.shape[:-1] + (q.padded_in,))
   zeros = None if q.zeros is None else q.zeros[..., None]
   v = decode(unpack_codes(q), q.format, zeros)                    # [*S, N, nb, B]
   w = v * scales[..., None]
@@ -462,6 +473,32 @@ def _assemble(spec: dict, layers, *, check_finite: bool = True) -> QuantizedWeig
   else:
     arrays = per_layer[0]
   return QuantizedWeight(**arrays, format=spec["format"], block_size=spec["block_size"],
+                         in_shape=spec["in_shape"], out_shape=spec["out_shape"],
+                         dtype_name=spec["dtype_name"], kernel=spec["kernel"])
+
+
+def from_blocks(shape: tuple, dtype, layers, *, format: str, block_size: int, layout=None,
+                compute_dtype=None, kernel: str = "auto", path: str = "<array>") -> QuantizedWeight:
+  """A :class:`QuantizedWeight` from blocks that are already quantized (a GGUF file's), layer by
+  layer, with no rounding of its own.
+
+  Args:
+    shape: the kernel's full shape ``[*S, *I, *O]``.
+    dtype: its floating dtype (the compute dtype unless ``compute_dtype`` is given).
+    layers: the ``prod(S)`` layers in row-major order, each a dict of this node's storage arrays
+      for one layer: ``codes [N, Kp/2]`` (``int8 [N, Kp]``), ``scales [N, nb]`` and, for offset
+      blocks, ``mins [N, nb]``; every layer with the same fields.
+    format, block_size: ``"int4"``/``"int8"`` and the blocks' size along ``K``.
+    layout, compute_dtype, kernel, path: as for :func:`quantize_array`.
+  """
+  spec = _plan(tuple(shape), jnp.dtype(dtype), format=format, block_size=block_size,
+               double_quant=False, symmetric=True, layout=layout, compute_dtype=compute_dtype,
+               kernel=kernel, path=path)
+  per_layer = list(layers)
+  stack = spec["stack"]
+  arrays = {name: jnp.asarray(np.stack([d[name] for d in per_layer]).reshape(
+      stack + np.shape(per_layer[0][name]))) for name in per_layer[0]}
+  return QuantizedWeight(**arrays, format=format, block_size=spec["block_size"],
                          in_shape=spec["in_shape"], out_shape=spec["out_shape"],
                          dtype_name=spec["dtype_name"], kernel=spec["kernel"])
 

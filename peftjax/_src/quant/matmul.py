@@ -50,7 +50,7 @@ def _n_chunks(q: core.QuantizedWeight) -> int:
 
 
 def _chunked(q: core.QuantizedWeight, c: int):
-  """``(codes, scales, zeros)`` with a leading chunk axis ``[c, *S, N/c, ...]``."""
+  """``(codes, scales, zeros, mins)`` with a leading chunk axis ``[c, *S, N/c, ...]``."""
   ns = len(q.stack_shape)
 
   def split(a):
@@ -58,13 +58,13 @@ def _chunked(q: core.QuantizedWeight, c: int):
       return None
     a = a.reshape(a.shape[:ns] + (c, a.shape[ns] // c) + a.shape[ns + 1:])
     return jnp.moveaxis(a, ns, 0)
-  return split(q.codes), split(core.dequantize_scales(q)), split(q.zeros)
+  return (split(q.codes), split(core.dequantize_scales(q)), split(q.zeros), split(q.mins))
 
 
-def _wt_chunk(q: core.QuantizedWeight, codes, scales, zeros) -> jax.Array:
+def _wt_chunk(q: core.QuantizedWeight, codes, scales, zeros, mins) -> jax.Array:
   """One chunk ``[*S, N/c, K]`` dequantized in the compute dtype."""
   part = q.replace(codes=codes, scales=scales, qscales=None, qscales_absmax=None,
-                   qscales_offset=None, zeros=zeros, out_shape=(codes.shape[-2],))
+                   qscales_offset=None, zeros=zeros, mins=mins, out_shape=(codes.shape[-2],))
   return _wt(part)
 
 
@@ -101,8 +101,8 @@ def _xla_dx(g, q, x_dtype, precision):
   gs = jnp.moveaxis(gs, -2, 0)                                               # [c, *S, M, N/c]
 
   def add(acc, parts):
-    g_j, codes, scales, zeros = parts
-    return acc + lax.dot_general(g_j, _wt_chunk(q, codes, scales, zeros), dims,
+    g_j, *chunk = parts
+    return acc + lax.dot_general(g_j, _wt_chunk(q, *chunk), dims,
                                  precision=precision).astype(acc.dtype), None
   out_dtype = jnp.result_type(g.dtype, q.dtype)
   acc0 = jnp.zeros(g.shape[:-1] + (q.in_features,), out_dtype)

@@ -58,6 +58,8 @@ def _pick_bm(m: int, pref: int) -> int:
 def supported(q, m: int) -> str | None:
   """``None`` if the Pallas kernels can run ``x[m, K] @ deq(q)``, else the reason."""
   del m
+  if getattr(q, "mins", None) is not None:
+    return "block offsets (mins: GGUF Q4_1 blocks) are not in the kernel"
   tile = _geometry(q.format, q.block_size)
   if not _pow2(tile) or not 16 <= tile <= 512:
     what = "block_size" if q.format == "int8" else "block_size/2"
