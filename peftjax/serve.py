@@ -75,12 +75,15 @@ class _Job:
   stop_ids: frozenset
   stop_strings: tuple
   emit: Callable[[tuple], None]
+  logprobs: Optional[int] = None   # None: not asked; k: the chosen token's and k alternatives
   cancelled: bool = False
   # state, owned by the engine thread
   slot: int = -1
   pool_slot: int = 0
   tokens: list = dataclasses.field(default_factory=list)
   sent: str = ""
+  text: str = ""             # the decoded completion so far (what the next token's offset is)
+  entries: list = dataclasses.field(default_factory=list)   # logprobs of tokens not yet sent
 
   def cancel(self):
     self.cancelled = True
@@ -228,10 +231,12 @@ class Engine:
     """Compiles the decode step and the smallest prompt bucket before the first request."""
     t0 = time.perf_counter()
     z = np.zeros(self.slots, np.int32)
-    _, self.cache = gen.decode_step(self.model, self.params, self.cache, z, z,
-                                    np.zeros(self.slots, bool), apply_fn=self.apply_fn)
-    _, self.cache = gen.prefill_slot(self.model, self.params, self.cache, 0, [0],
-                                     buckets=self.buckets, apply_fn=self.apply_fn)
+    off = np.zeros(self.slots, bool)
+    _, self.cache, _ = gen.decode_step(self.model, self.params, self.cache, z, z, off,
+                                       apply_fn=self.apply_fn, logprobs=off)
+    _, self.cache, _ = gen.prefill_slot(self.model, self.params, self.cache, 0, [0],
+                                        buckets=self.buckets, apply_fn=self.apply_fn,
+                                        logprobs=False)
     self.cache = self.cache._replace(index=jnp.zeros_like(self.cache.index))
     jax.block_until_ready(self.cache)
     log.info("compiled the decode step and the first prompt bucket in %.1fs",
@@ -319,12 +324,12 @@ class Engine:
       return
     job.slot = slot
     self.rows[slot] = job
-    tok, self.cache = gen.prefill_slot(
+    tok, self.cache, lps = gen.prefill_slot(
         self.model, self.params, self.cache, slot, job.prompt, adapter=job.pool_slot,
         temperature=job.temperature, top_p=job.top_p, key=self._key(job), buckets=self.buckets,
-        apply_fn=self.apply_fn)
+        apply_fn=self.apply_fn, logprobs=job.logprobs is not None)
     self.stats["prefills"] += 1
-    self._emit_token(job, int(tok))
+    self._emit_token(job, int(tok), jax.tree.map(np.asarray, lps))
 
   def _step(self):
     jobs = self.rows
@@ -336,26 +341,37 @@ class Engine:
     seeds = np.array([j.seed if j else 0 for j in jobs], np.uint32)
     counts = np.array([len(j.tokens) if j else 0 for j in jobs], np.int32)
     keys = _row_keys(seeds, counts)
-    toks, self.cache = gen.decode_step(self.model, self.params, self.cache, last, ids, active,
-                                       temperature=temp, top_p=top_p, key=keys,
-                                       apply_fn=self.apply_fn)
+    want = np.array([j is not None and j.logprobs is not None for j in jobs])
+    toks, self.cache, lps = gen.decode_step(self.model, self.params, self.cache, last, ids, active,
+                                            temperature=temp, top_p=top_p, key=keys,
+                                            apply_fn=self.apply_fn, logprobs=want)
     toks = np.asarray(toks)
+    lps = jax.tree.map(np.asarray, lps) if want.any() else None
     self.stats["steps"] += 1
     self.stats["max_active"] = max(self.stats["max_active"], int(active.sum()))
     self.stats["max_adapters_in_step"] = max(self.stats["max_adapters_in_step"],
                                              len({int(k) for k in ids[active]}))
     for i, j in enumerate(jobs):
       if j is not None:
-        self._emit_token(j, int(toks[i]))
+        self._emit_token(j, int(toks[i]), None if lps is None else
+                         jax.tree.map(lambda x, i=i: x[i], lps))
 
-  def _emit_token(self, job: _Job, tok: int):
-    """Adds one generated token to ``job``: streams the new text, ends the job when due."""
+  def _emit_token(self, job: _Job, tok: int, lps=None):
+    """Adds one generated token to ``job``: streams the new text, ends the job when due.
+    ``lps``: the token's :class:`~peftjax.models.generate.TokenLogprobs` row, for a job that
+    asked for logprobs."""
     n_prompt = len(job.prompt)
     if tok in job.stop_ids:
       return self._finish(job, "stop")
     job.tokens.append(tok)
+    if job.logprobs is not None and lps is not None:
+      k = job.logprobs
+      job.entries.append((tok, len(job.text), float(lps.logprob),
+                          [(int(a), float(b)) for a, b in zip(lps.top_ids[:k],
+                                                              lps.top_logprobs[:k])]))
     with self.tokenizer_lock:
       text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+    job.text = text
     hit = None
     for s in job.stop_strings:
       at = text.find(s, max(0, len(job.sent) - len(s)))
@@ -363,7 +379,7 @@ class Engine:
         hit = at
     if hit is not None:
       self._send(job, text[:hit])
-      return self._finish(job, "stop")
+      return self._finish(job, "stop", cut=True)
     if text.endswith("\ufffd"):
       safe = len(job.sent)    # an incomplete multi-byte character: wait for the next token
     else:
@@ -381,13 +397,19 @@ class Engine:
 
   def _send(self, job: _Job, text: str):
     if len(text) > len(job.sent):
-      job.emit(("text", text[len(job.sent):]))
+      # the logprobs of the tokens whose text starts in what is sent go with it
+      n = next((i for i, e in enumerate(job.entries) if e[1] >= len(text)), len(job.entries))
+      sent, job.entries = job.entries[:n], job.entries[n:]
+      job.emit(("text", text[len(job.sent):], sent))
       job.sent = text
 
-  def _finish(self, job: _Job, reason: str):
+  def _finish(self, job: _Job, reason: str, cut: bool = False):
+    # cut (a stop string ended the text): tokens that start after the text are not reported
+    rest = [e for e in job.entries if e[1] < len(job.sent)] if cut else job.entries
+    job.entries = []
     job.emit(("done", reason, {"prompt_tokens": len(job.prompt),
                                "completion_tokens": len(job.tokens),
-                               "total_tokens": len(job.prompt) + len(job.tokens)}))
+                               "total_tokens": len(job.prompt) + len(job.tokens)}, rest))
     if 0 <= job.slot < self.slots and self.rows[job.slot] is job:
       self.rows[job.slot] = None
 
@@ -442,7 +464,7 @@ def _int(body, name, default, lo=1):
   return v
 
 
-_UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+_UNSUPPORTED = {"echo": (None, False),
                 "best_of": (None, 1), "n": (None, 1), "suffix": (None, ""),
                 "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                 "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
@@ -478,10 +500,35 @@ class _Server:
                      code="model_not_found")
     return name
 
+  @staticmethod
+  def _logprobs(body, chat: bool) -> Optional[int]:
+    """How many alternatives a request wants with each token's logprob (None: no logprobs).
+    Completions: ``logprobs: k``; chat: ``logprobs: true`` and ``top_logprobs: k``."""
+    most = gen.TOP_LOGPROBS
+    if not chat:
+      lp = body.get("logprobs")
+      if lp is None:
+        return None
+      if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= most:
+        raise _bad(f"logprobs must be an integer in [0, {most}], got {lp!r}", "logprobs",
+                   "invalid_value")
+      return lp
+    on, top = body.get("logprobs"), body.get("top_logprobs")
+    if on is not None and not isinstance(on, bool):
+      raise _bad(f"logprobs must be a boolean, got {on!r}", "logprobs", "invalid_type")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or
+                            not 0 <= top <= most):
+      raise _bad(f"top_logprobs must be an integer in [0, {most}], got {top!r}", "top_logprobs",
+                 "invalid_value")
+    if top is not None and not on:
+      raise _bad("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    return (top or 0) if on else None
+
   def _sampling(self, body, prompt: list, default_max: Optional[int]) -> dict:
     for k, ok in _UNSUPPORTED.items():
       if k in body and body[k] not in ok:
         raise _bad(f"{k}={body[k]!r} is not supported by this server", k, "unsupported_parameter")
+    logprobs = self._logprobs(body, chat=default_max is None)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     max_tokens = _int(body, "max_completion_tokens", None)
@@ -519,7 +566,7 @@ class _Server:
                  if default_max is None else "prompt", "context_length_exceeded")
     if max_tokens is None:
       max_tokens = room if default_max is None else min(default_max, room)
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs,
                 seed=int(eng.rng.integers(2 ** 31)) if seed is None else seed % 2 ** 32,
                 stop_strings=stop, stop_ids=frozenset() if ignore_eos else eng.stop_ids)
 
@@ -635,48 +682,75 @@ class _Server:
       return StreamingResponse(self._sse(job, queue, request, kind, rid, created, name,
                                          usage_chunk), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
-    text, reason, usage = [], None, None
+    text, reason, usage, entries = [], None, None, []
     async for ev in self._events(job, queue, request):
       if ev[0] == "text":
         text.append(ev[1])
+        entries += ev[2]
       elif ev[0] == "done":
         reason, usage = ev[1], ev[2]
+        entries += ev[3]
       else:
         raise _event_error(ev)
     if reason is None:   # the client went away
       return JSONResponse({}, status_code=499)
     text = "".join(text)
+    lp = self._logprobs_json(kind, entries) if job.logprobs is not None else None
     choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-               "logprobs": None, "finish_reason": reason} if kind == "chat" else
-              {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+               "logprobs": lp, "finish_reason": reason} if kind == "chat" else
+              {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason})
     return JSONResponse({"id": rid, "object": obj, "created": created, "model": name,
                          "choices": [choice], "usage": usage})
 
   async def _sse(self, job, queue, request, kind, rid, created, name, usage_chunk):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-    def chunk(delta: Optional[str], reason=None, first=False):
+    def chunk(delta: Optional[str], reason=None, first=False, entries=()):
+      lp = (self._logprobs_json(kind, entries) if job.logprobs is not None and not first
+            else None)
       if kind == "chat":
         d = {"role": "assistant", "content": ""} if first else \
             ({} if delta is None else {"content": delta})
-        c = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
+        c = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": reason}
       else:
-        c = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+        c = {"index": 0, "text": delta or "", "logprobs": lp, "finish_reason": reason}
       return _event({"id": rid, "object": obj, "created": created, "model": name,
                      "choices": [c]})
     if kind == "chat":
       yield chunk(None, first=True)
     async for ev in self._events(job, queue, request):
       if ev[0] == "text":
-        yield chunk(ev[1])
+        yield chunk(ev[1], entries=ev[2])
       elif ev[0] == "done":
-        yield chunk(None, ev[1])
+        yield chunk(None, ev[1], entries=ev[3])
         if usage_chunk:
           yield _event({"id": rid, "object": obj, "created": created, "model": name,
                         "choices": [], "usage": ev[2]})
       else:
         yield _event(_event_error(ev).body())
     yield "data: [DONE]\n\n"
+
+  def _logprobs_json(self, kind: str, entries) -> dict:
+    """OpenAI's ``logprobs`` object of ``entries`` ((token, text offset, logprob, [(id, logprob)
+    alternatives]) each): chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}`` or
+    completions' ``{tokens, token_logprobs, top_logprobs, text_offset}`` (offsets into the
+    completion's text; each ``top_logprobs`` dict also holds the chosen token, as OpenAI's).
+    A logprob of -inf is written as -9999.0, as OpenAI does (JSON has no infinity)."""
+    tok = self.engine.tokenizer
+    with self.engine.tokenizer_lock:
+      ids = {t for e in entries for t in [e[0]] + [a for a, _ in e[3]]}
+      text = {t: tok.decode([t]) for t in ids}
+    num = lambda v: max(float(v), -9999.0)
+    if kind == "chat":
+      one = lambda t, v: {"token": text[t], "logprob": num(v),
+                          "bytes": list(text[t].encode("utf-8"))}
+      return {"content": [{**one(t, v), "top_logprobs": [one(a, b) for a, b in alts]}
+                          for t, _, v, alts in entries]}
+    return {"tokens": [text[t] for t, _, _, _ in entries],
+            "token_logprobs": [num(v) for _, _, v, _ in entries],
+            "top_logprobs": [{**{text[a]: num(b) for a, b in alts}, text[t]: num(v)}
+                             for t, _, v, alts in entries],
+            "text_offset": [o for _, o, _, _ in entries]}
 
   # -- endpoints ---------------------------------------------------------------------------------
   async def completions(self, request):

@@ -278,6 +278,75 @@ def test_chat_equals_one_adapter_generate(files, client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def model_logprobs(files, name, ids, gen):
+  """``log_softmax`` of adapter ``name``'s logits before each of the tokens ``gen`` that follow
+  ``ids`` (one forward over the whole sequence): a ``[len(gen), vocab]`` array."""
+  _, model, _, trees = files
+  seq = np.asarray([list(ids) + list(gen)], np.int32)
+  logits = peftjax.lift(model.apply)({"params": trees[name]}, seq)
+  lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))[0]
+  return lp[len(ids) - 1:len(ids) - 1 + len(gen)]
+
+
+def test_logprobs_are_the_models_log_softmax(files, server, client):
+  """logprobs (completions) and logprobs + top_logprobs (chat), streamed or not: each token's
+  log-probability and its likeliest alternatives under the adapter's model, computed in the same
+  compiled step (nothing compiles for them)."""
+  tok = files[2]
+  before = stats(server)["compiled_programs"]
+  prompt = "Call me Ishmael."
+  ids = tok(prompt)["input_ids"]
+  r = client.completions.create(model="beta", prompt=prompt, max_tokens=12, temperature=0,
+                                logprobs=3)
+  c, lp = r.choices[0], r.choices[0].logprobs
+  n = r.usage.completion_tokens
+  gen = reference(files, "beta", ids, n, stop=False)[1]
+  want = model_logprobs(files, "beta", ids, gen)
+  # each token as it reads (special tokens by name: the text leaves them out), at its offset
+  specials = set(tok.all_special_tokens)
+  shown = ["" if t in specials else t for t in lp.tokens]
+  assert len(lp.tokens) == n and "".join(shown) == c.text
+  assert lp.text_offset == [len("".join(shown[:i])) for i in range(n)]
+  for i, t in enumerate(gen):
+    assert lp.token_logprobs[i] == pytest.approx(float(want[i, t]), abs=1e-4), i
+    top3 = [tok.decode([int(j)]) for j in np.argsort(-want[i])[:3]]
+    assert set(lp.top_logprobs[i]) == set(top3) | {lp.tokens[i]}
+    for s_, v in lp.top_logprobs[i].items():
+      assert v == pytest.approx(float(want[i, tok.convert_tokens_to_ids(s_)]), abs=1e-4)
+  # chat: logprobs + top_logprobs, the same entries streamed and not
+  msgs = [{"role": "user", "content": "Hi"}]
+  kw = dict(model="gamma", messages=msgs, temperature=0, max_tokens=10, logprobs=True,
+            top_logprobs=2)
+  r = client.chat.completions.create(**kw)
+  content = r.choices[0].logprobs.content
+  assert "".join("" if e.token in specials else e.token for e in content) == \
+      r.choices[0].message.content
+  assert len(content) == r.usage.completion_tokens
+  for e in content:
+    assert e.bytes == list(e.token.encode("utf-8")) and len(e.top_logprobs) == 2
+    assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+    assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)   # greedy: the likeliest
+  chunks = list(client.chat.completions.create(**kw, stream=True))
+  streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+              for e in ch.choices[0].logprobs.content]
+  assert [(e.token, round(e.logprob, 4)) for e in streamed] == \
+      [(e.token, round(e.logprob, 4)) for e in content]
+  # without logprobs: none
+  r = client.chat.completions.create(model="gamma", messages=msgs, temperature=0, max_tokens=3)
+  assert r.choices[0].logprobs is None
+  assert stats(server)["compiled_programs"] == before
+  # bad values: the OpenAI error, naming the parameter
+  for path, body, param in (
+      ("/v1/completions", {"model": "beta", "prompt": "x", "logprobs": 21}, "logprobs"),
+      ("/v1/completions", {"model": "beta", "prompt": "x", "logprobs": True}, "logprobs"),
+      ("/v1/chat/completions", {"model": "beta", "messages": msgs, "top_logprobs": 2},
+       "top_logprobs"),
+      ("/v1/chat/completions", {"model": "beta", "messages": msgs, "logprobs": "yes"},
+       "logprobs")):
+    res = httpx.post(server + path, json=body, timeout=WAIT)
+    assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
+
+
 def test_three_adapters_at_once_return_what_each_returns_alone(files, server, client):
   tok = files[2]
   prompt = "The whale"

@@ -27,7 +27,7 @@ from peftjax.models.llama import KVCache, LlamaForCausalLM, init_cache
 Array = jax.Array
 
 __all__ = ["generate", "GenerateOutput", "sample_logits", "init_slots", "prefill_slot", "decode_step",
-           "prompt_buckets"]
+           "prompt_buckets", "TokenLogprobs", "TOP_LOGPROBS"]
 
 
 class GenerateOutput(NamedTuple):
@@ -276,8 +276,46 @@ def _sample_rows(logits, keys, temperature, top_p):
   return lax.cond(jnp.any(hot), sample, lambda: greedy)
 
 
+#: How many alternatives :func:`decode_step`/:func:`prefill_slot` report per token with
+#: ``logprobs=`` (OpenAI's most, ``top_logprobs <= 20``).
+TOP_LOGPROBS = 20
+
+
+class TokenLogprobs(NamedTuple):
+  """Log-probabilities of the chosen tokens under the model (``log_softmax`` of its logits,
+  before temperature or nucleus: what OpenAI's and vLLM's ``logprobs`` report), per row.
+
+  Attributes:
+    logprob: float32 ``[rows]``: the chosen token's.
+    top_ids: int32 ``[rows, k]``: the ``k = min(TOP_LOGPROBS, vocab)`` likeliest tokens, likeliest
+      first.
+    top_logprobs: float32 ``[rows, k]``: theirs.
+  """
+  logprob: Array
+  top_ids: Array
+  top_logprobs: Array
+
+
+def _logprobs(logits, tok, want) -> TokenLogprobs:
+  """:class:`TokenLogprobs` of ``tok`` under ``logits [rows, V]``; zeros (and no work, a
+  ``lax.cond``) unless some row ``want``s them."""
+  rows, vocab = logits.shape
+  k = min(TOP_LOGPROBS, vocab)
+
+  def compute():
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lp, top_id = lax.top_k(lp, k)
+    return TokenLogprobs(jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0],
+                         top_id.astype(jnp.int32), top_lp)
+
+  def none():
+    return TokenLogprobs(jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, k), jnp.int32),
+                         jnp.zeros((rows, k), jnp.float32))
+  return lax.cond(jnp.any(want), compute, none)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",), donate_argnames=("cache",))
-def _prefill_slot(params, cache, slot, tokens, length, adapter, temperature, top_p, key, *,
+def _prefill_slot(params, cache, slot, tokens, length, adapter, temperature, top_p, key, want, *,
                   apply_fn):
   b = tokens.shape[1]
   shape = (cache.k.shape[0], 1, cache.k.shape[2], b, cache.k.shape[4])  # one row, b positions
@@ -290,15 +328,18 @@ def _prefill_slot(params, cache, slot, tokens, length, adapter, temperature, top
   cache = KVCache(lax.dynamic_update_slice(cache.k, small.k, at),
                   lax.dynamic_update_slice(cache.v, small.v, at), cache.index.at[slot].set(length))
   tok = _sample_rows(logits[:, -1], key[None], temperature[None], top_p[None])
-  return tok[0], cache
+  lps = _logprobs(logits[:, -1], tok, want[None])
+  return tok[0], jax.tree.map(lambda x: x[0], lps), cache
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",), donate_argnames=("cache",))
-def _decode_step(params, cache, tokens, adapters, active, temperature, top_p, key, *, apply_fn):
+def _decode_step(params, cache, tokens, adapters, active, temperature, top_p, key, want, *,
+                 apply_fn):
   routed = _routed(params, adapters)
   logits, new = apply_fn({"params": routed}, tokens[:, None], cache=cache)
   new = new._replace(index=jnp.where(active, new.index, cache.index))
-  return _sample_rows(logits[:, -1], key, temperature, top_p), new
+  tok = _sample_rows(logits[:, -1], key, temperature, top_p)
+  return tok, _logprobs(logits[:, -1], tok, want & active), new
 
 
 def _apply_fn(model, params, apply_fn):
@@ -313,7 +354,7 @@ def prefill_slot(model: LlamaForCausalLM, params: Any, cache: KVCache, slot: int
                  prompt: Sequence[int], *, adapter: int = 0, temperature: float = 0.0,
                  top_p: float = 1.0, key: Optional[Array] = None,
                  buckets: Optional[Sequence[int]] = None,
-                 apply_fn: Optional[Callable] = None) -> tuple[Array, KVCache]:
+                 apply_fn: Optional[Callable] = None, logprobs: Optional[bool] = None):
   """Runs one prompt into row ``slot`` of a slot cache (:func:`init_slots`) and samples its first
   token; the other rows are untouched.
 
@@ -334,9 +375,12 @@ def prefill_slot(model: LlamaForCausalLM, params: Any, cache: KVCache, slot: int
     key: PRNG key (needed when ``temperature > 0``).
     buckets: the padded prompt lengths.
     apply_fn: as for :func:`generate`.
+    logprobs: None, or whether to compute the token's :class:`TokenLogprobs` (data: either value
+      runs the same compiled program).
 
   Returns:
-    ``(first token (int32 scalar), cache)``.
+    ``(first token (int32 scalar), cache)``; with ``logprobs`` given, ``(token, cache,
+    TokenLogprobs)`` (one row's: scalar ``logprob``, ``[k]`` alternatives; zeros if False).
   """
   n_slots, max_len = cache.k.shape[1], cache.k.shape[3]
   if cache.index.shape != (n_slots,):
@@ -356,16 +400,17 @@ def prefill_slot(model: LlamaForCausalLM, params: Any, cache: KVCache, slot: int
     raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(...)")
   pad = model.config.pad_token_id or 0
   tokens = jnp.asarray([list(prompt) + [pad] * (b - n)], jnp.int32)
-  return _prefill_slot(params, cache, jnp.int32(slot), tokens, jnp.int32(n), jnp.int32(adapter),
-                       jnp.float32(temperature), jnp.float32(top_p),
-                       jax.random.key(0) if key is None else key,
-                       apply_fn=_apply_fn(model, params, apply_fn))
+  tok, lps, cache = _prefill_slot(
+      params, cache, jnp.int32(slot), tokens, jnp.int32(n), jnp.int32(adapter),
+      jnp.float32(temperature), jnp.float32(top_p), jax.random.key(0) if key is None else key,
+      jnp.bool_(bool(logprobs)), apply_fn=_apply_fn(model, params, apply_fn))
+  return (tok, cache) if logprobs is None else (tok, cache, lps)
 
 
 def decode_step(model: LlamaForCausalLM, params: Any, cache: KVCache, tokens: Array,
                 adapters: Array, active: Array, *, temperature: Any = 0.0, top_p: Any = 1.0,
-                key: Optional[Array] = None,
-                apply_fn: Optional[Callable] = None) -> tuple[Array, KVCache]:
+                key: Optional[Array] = None, apply_fn: Optional[Callable] = None,
+                logprobs: Any = None):
   """One decoding step for every row of a slot cache: each row feeds its last token at its own
   position (its cache index) through its own adapter, and gets its next token.
 
@@ -385,9 +430,12 @@ def decode_step(model: LlamaForCausalLM, params: Any, cache: KVCache, tokens: Ar
       seed, folded with its token count, samples the same wherever and with whatever it is
       batched).
     apply_fn: as for :func:`generate`.
+    logprobs: None, or a bool (or bool ``[slots]``): the rows whose :class:`TokenLogprobs` to
+      compute (data: every value runs the same compiled program; none: no work).
 
   Returns:
-    ``(next tokens int32 [slots], cache)``.
+    ``(next tokens int32 [slots], cache)``; with ``logprobs`` given, ``(tokens, cache,
+    TokenLogprobs)`` (zeros in the rows not asked for and the inactive ones).
   """
   s = cache.k.shape[1]
   if cache.index.shape != (s,):
@@ -400,7 +448,9 @@ def decode_step(model: LlamaForCausalLM, params: Any, cache: KVCache, tokens: Ar
     key = jax.random.split(key, s)
   elif key.shape != (s,):
     raise ValueError(f"key must be one PRNG key or one per row ([{s}]), got shape {key.shape}")
-  return _decode_step(params, cache, row(tokens, jnp.int32), row(adapters, jnp.int32),
-                      row(active, bool), row(temperature, jnp.float32), row(top_p, jnp.float32),
-                      key,
-                      apply_fn=_apply_fn(model, params, apply_fn))
+  tok, lps, cache = _decode_step(
+      params, cache, row(tokens, jnp.int32), row(adapters, jnp.int32), row(active, bool),
+      row(temperature, jnp.float32), row(top_p, jnp.float32), key,
+      row(False if logprobs is None else logprobs, bool),
+      apply_fn=_apply_fn(model, params, apply_fn))
+  return (tok, cache) if logprobs is None else (tok, cache, lps)
