@@ -140,7 +140,10 @@ def write(out: pathlib.Path, a, info: dict, results: list[dict], base: dict | No
           f"Reported as measured." for r in results
           if "error" not in r and base_ppl and r["perplexity"] > 10 * base_ppl
           and r.get("loss_first") is not None],
-        "- LoRA/QLoRA: r=8, alpha=16 on all seven linear layers of every block. Prefix: 20 "
+        "- LoRA/QLoRA: r=8, alpha=16 on all seven linear layers of every block. QLoRA's frozen "
+        "base is the file's own Q4_1 blocks, kept as they are (int4 with per-block offsets, 5 "
+        "bits a weight): exactly the weights LoRA's dequantized float32 base holds, with "
+        "embeddings and norms in bfloat16. Prefix: 20 "
         "key/value prefixes per layer through the reparameterization MLP (hidden 512). Prompt: 20 "
         "soft tokens initialized from vocabulary embeddings. DoRA and LoKr (r=8, alpha=16), VeRA "
         "(r=256, shared frozen projections, trained scaling vectors) and OFT (block size 32) on "

@@ -49,7 +49,7 @@ def classification_table(results: dict) -> str:
 
 
 #: compare_lm.py's method names as the README spells them.
-LM_NAMES = {"full": "full fine-tuning", "lora": "LoRA r=8", "qlora": "QLoRA r=8 (NF4)",
+LM_NAMES = {"full": "full fine-tuning", "lora": "LoRA r=8", "qlora": "QLoRA r=8 (GGUF's 4-bit blocks)",
             "prompt": "prompt tuning, 20 tokens", "prefix": "prefix tuning, 20 (MLP)",
             "prefix-lr1e-3": "prefix tuning, 20 (MLP)", "dora": "DoRA r=8", "vera": "VeRA r=256",
             "lokr": "LoKr r=8", "oft": "OFT, blocks of 32"}
