@@ -76,6 +76,7 @@ class _Job:
   stop_strings: tuple
   emit: Callable[[tuple], None]
   logprobs: Optional[int] = None   # None: not asked; k: the chosen token's and k alternatives
+  echo: bool = False               # completions: the prompt comes back first (and its logprobs)
   cancelled: bool = False
   # state, owned by the engine thread
   slot: int = -1
@@ -83,6 +84,7 @@ class _Job:
   tokens: list = dataclasses.field(default_factory=list)
   sent: str = ""
   text: str = ""             # the decoded completion so far (what the next token's offset is)
+  base: int = 0              # with echo: the prompt text's length (offsets count from its start)
   entries: list = dataclasses.field(default_factory=list)   # logprobs of tokens not yet sent
 
   def cancel(self):
@@ -313,6 +315,28 @@ class Engine:
   def _key(self, job: _Job):
     return jax.random.fold_in(jax.random.key(job.seed), len(job.tokens))
 
+  def _echo(self, job: _Job):
+    """Sends the prompt's text (and with logprobs its tokens' logprobs, the first one None, as
+    OpenAI's) before the completion; the completion's offsets then count from the prompt's."""
+    entries = []
+    with self.tokenizer_lock:
+      dec = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+      text = dec(job.prompt)
+      offsets = [len(dec(job.prompt[:i])) for i in range(len(job.prompt))] \
+          if job.logprobs is not None else []
+    if job.logprobs is not None:
+      k = job.logprobs
+      lps = jax.tree.map(np.asarray, gen.prompt_logprobs(
+          self.model, self.params, job.prompt, adapter=job.pool_slot, buckets=self.buckets,
+          apply_fn=self.apply_fn)) if len(job.prompt) > 1 else None
+      entries.append((job.prompt[0], 0, None, None))
+      for i, t in enumerate(job.prompt[1:]):
+        entries.append((t, offsets[i + 1], float(lps.logprob[i]),
+                        [(int(a), float(b)) for a, b in zip(lps.top_ids[i, :k],
+                                                            lps.top_logprobs[i, :k])]))
+    job.base = len(text)
+    job.emit(("text", text, entries))
+
   def _prefill(self, slot: int, job: _Job):
     if job.adapter == self.base_name:
       job.pool_slot = 0
@@ -322,6 +346,10 @@ class Engine:
       job.emit(("error", f"The model `{job.adapter}` was unloaded before the request started",
                 404))
       return
+    if job.echo:
+      self._echo(job)
+      if job.max_tokens == 0:   # the prompt alone (a log-likelihood request): no row needed
+        return self._finish(job, "length")
     job.slot = slot
     self.rows[slot] = job
     tok, self.cache, lps = gen.prefill_slot(
@@ -366,7 +394,7 @@ class Engine:
     job.tokens.append(tok)
     if job.logprobs is not None and lps is not None:
       k = job.logprobs
-      job.entries.append((tok, len(job.text), float(lps.logprob),
+      job.entries.append((tok, job.base + len(job.text), float(lps.logprob),
                           [(int(a), float(b)) for a, b in zip(lps.top_ids[:k],
                                                               lps.top_logprobs[:k])]))
     with self.tokenizer_lock:
@@ -398,14 +426,16 @@ class Engine:
   def _send(self, job: _Job, text: str):
     if len(text) > len(job.sent):
       # the logprobs of the tokens whose text starts in what is sent go with it
-      n = next((i for i, e in enumerate(job.entries) if e[1] >= len(text)), len(job.entries))
+      end = job.base + len(text)
+      n = next((i for i, e in enumerate(job.entries) if e[1] >= end), len(job.entries))
       sent, job.entries = job.entries[:n], job.entries[n:]
       job.emit(("text", text[len(job.sent):], sent))
       job.sent = text
 
   def _finish(self, job: _Job, reason: str, cut: bool = False):
     # cut (a stop string ended the text): tokens that start after the text are not reported
-    rest = [e for e in job.entries if e[1] < len(job.sent)] if cut else job.entries
+    rest = ([e for e in job.entries if e[1] < job.base + len(job.sent)] if cut else
+            job.entries)
     job.entries = []
     job.emit(("done", reason, {"prompt_tokens": len(job.prompt),
                                "completion_tokens": len(job.tokens),
@@ -464,8 +494,7 @@ def _int(body, name, default, lo=1):
   return v
 
 
-_UNSUPPORTED = {"echo": (None, False),
-                "best_of": (None, 1), "n": (None, 1), "suffix": (None, ""),
+_UNSUPPORTED = {"best_of": (None, 1), "n": (None, 1), "suffix": (None, ""),
                 "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                 "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
                 "response_format": (None, {"type": "text"})}
@@ -528,12 +557,20 @@ class _Server:
     for k, ok in _UNSUPPORTED.items():
       if k in body and body[k] not in ok:
         raise _bad(f"{k}={body[k]!r} is not supported by this server", k, "unsupported_parameter")
-    logprobs = self._logprobs(body, chat=default_max is None)
+    chat = default_max is None
+    logprobs = self._logprobs(body, chat=chat)
+    echo = body.get("echo", False)
+    if chat and echo not in (None, False):
+      raise _bad(f"echo={echo!r} is not supported by chat completions", "echo",
+                 "unsupported_parameter")
+    if not isinstance(echo, bool) and echo is not None:
+      raise _bad(f"echo must be a boolean, got {echo!r}", "echo", "invalid_type")
+    echo = bool(echo)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     max_tokens = _int(body, "max_completion_tokens", None)
-    if max_tokens is None:
-      max_tokens = _int(body, "max_tokens", None)
+    if max_tokens is None:   # 0 (the prompt alone) only with echo
+      max_tokens = _int(body, "max_tokens", None, lo=0 if body.get("echo") is True else 1)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
       raise _bad(f"seed must be an integer, got {seed!r}", "seed", "invalid_type")
@@ -558,7 +595,7 @@ class _Server:
     if n == 0:
       raise _bad("the prompt is empty", "prompt", "invalid_value")
     room = eng.max_len - n
-    if room < 1 or (max_tokens is not None and max_tokens > room):
+    if (room < 1 and max_tokens != 0) or (max_tokens is not None and max_tokens > room):
       want = n + (max_tokens or 1)
       raise _bad(f"This model's maximum context length is {eng.max_len} tokens. However, you "
                  f"requested {want} tokens ({n} in the prompt, {want - n} in the completion). "
@@ -567,6 +604,7 @@ class _Server:
     if max_tokens is None:
       max_tokens = room if default_max is None else min(default_max, room)
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs,
+                echo=echo,
                 seed=int(eng.rng.integers(2 ** 31)) if seed is None else seed % 2 ** 32,
                 stop_strings=stop, stop_ids=frozenset() if ignore_eos else eng.stop_ids)
 
@@ -734,13 +772,14 @@ class _Server:
     """OpenAI's ``logprobs`` object of ``entries`` ((token, text offset, logprob, [(id, logprob)
     alternatives]) each): chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}`` or
     completions' ``{tokens, token_logprobs, top_logprobs, text_offset}`` (offsets into the
-    completion's text; each ``top_logprobs`` dict also holds the chosen token, as OpenAI's).
-    A logprob of -inf is written as -9999.0, as OpenAI does (JSON has no infinity)."""
+    returned text; each ``top_logprobs`` dict also holds the chosen token, as OpenAI's; the
+    first token of an echoed prompt has None for both). A logprob of -inf is written as
+    -9999.0, as OpenAI does (JSON has no infinity)."""
     tok = self.engine.tokenizer
     with self.engine.tokenizer_lock:
-      ids = {t for e in entries for t in [e[0]] + [a for a, _ in e[3]]}
+      ids = {t for e in entries for t in [e[0]] + [a for a, _ in e[3] or ()]}
       text = {t: tok.decode([t]) for t in ids}
-    num = lambda v: max(float(v), -9999.0)
+    num = lambda v: None if v is None else max(float(v), -9999.0)
     if kind == "chat":
       one = lambda t, v: {"token": text[t], "logprob": num(v),
                           "bytes": list(text[t].encode("utf-8"))}
@@ -748,7 +787,8 @@ class _Server:
                           for t, _, v, alts in entries]}
     return {"tokens": [text[t] for t, _, _, _ in entries],
             "token_logprobs": [num(v) for _, _, v, _ in entries],
-            "top_logprobs": [{**{text[a]: num(b) for a, b in alts}, text[t]: num(v)}
+            "top_logprobs": [None if alts is None else
+                             {**{text[a]: num(b) for a, b in alts}, text[t]: num(v)}
                              for t, _, v, alts in entries],
             "text_offset": [o for _, o, _, _ in entries]}
 

@@ -289,9 +289,9 @@ def model_logprobs(files, name, ids, gen):
 
 
 def test_logprobs_are_the_models_log_softmax(files, server, client):
-  """logprobs (completions) and logprobs + top_logprobs (chat), streamed or not: each token's
-  log-probability and its likeliest alternatives under the adapter's model, computed in the same
-  compiled step (nothing compiles for them)."""
+  """logprobs (completions, with echo too) and logprobs + top_logprobs (chat), streamed or not:
+  each token's log-probability and its likeliest alternatives under the adapter's model; the
+  generated tokens' come from the same compiled step (nothing compiles for them)."""
   tok = files[2]
   before = stats(server)["compiled_programs"]
   prompt = "Call me Ishmael."
@@ -331,10 +331,29 @@ def test_logprobs_are_the_models_log_softmax(files, server, client):
               for e in ch.choices[0].logprobs.content]
   assert [(e.token, round(e.logprob, 4)) for e in streamed] == \
       [(e.token, round(e.logprob, 4)) for e in content]
+  assert stats(server)["compiled_programs"] == before   # (echo's prompt pass is a program)
+  # echo: the prompt comes back first with its tokens' logprobs (the first None), then the
+  # completion's, offsets counting from the prompt's start; max_tokens=0: the prompt alone
+  r = client.completions.create(model="beta", prompt=prompt, max_tokens=4, temperature=0,
+                                logprobs=2, echo=True)
+  c, lp = r.choices[0], r.choices[0].logprobs
+  gen = reference(files, "beta", ids, r.usage.completion_tokens, stop=False)[1]
+  want = model_logprobs(files, "beta", ids[:1], ids[1:] + gen)
+  assert c.text.startswith(prompt) and len(lp.tokens) == len(ids) + len(gen)
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  for i, t in enumerate(ids[1:] + gen):
+    assert lp.token_logprobs[i + 1] == pytest.approx(float(want[i, t]), abs=1e-4), i
+    assert len(lp.top_logprobs[i + 1]) in (2, 3)
+  shown = ["" if t in specials else t for t in lp.tokens]
+  assert "".join(shown) == c.text
+  assert lp.text_offset == [len("".join(shown[:i])) for i in range(len(shown))]
+  r = client.completions.create(model="beta", prompt=prompt, max_tokens=0, logprobs=0, echo=True)
+  assert r.choices[0].text == prompt and r.usage.completion_tokens == 0
+  assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+      [float(want[i, t]) for i, t in enumerate(ids[1:])], abs=1e-4)
   # without logprobs: none
   r = client.chat.completions.create(model="gamma", messages=msgs, temperature=0, max_tokens=3)
   assert r.choices[0].logprobs is None
-  assert stats(server)["compiled_programs"] == before
   # bad values: the OpenAI error, naming the parameter
   for path, body, param in (
       ("/v1/completions", {"model": "beta", "prompt": "x", "logprobs": 21}, "logprobs"),
@@ -342,7 +361,9 @@ def test_logprobs_are_the_models_log_softmax(files, server, client):
       ("/v1/chat/completions", {"model": "beta", "messages": msgs, "top_logprobs": 2},
        "top_logprobs"),
       ("/v1/chat/completions", {"model": "beta", "messages": msgs, "logprobs": "yes"},
-       "logprobs")):
+       "logprobs"),
+      ("/v1/chat/completions", {"model": "beta", "messages": msgs, "echo": True}, "echo"),
+      ("/v1/completions", {"model": "beta", "prompt": "x", "max_tokens": 0}, "max_tokens")):
     res = httpx.post(server + path, json=body, timeout=WAIT)
     assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
 

@@ -27,7 +27,7 @@ from peftjax.models.llama import KVCache, LlamaForCausalLM, init_cache
 Array = jax.Array
 
 __all__ = ["generate", "GenerateOutput", "sample_logits", "init_slots", "prefill_slot", "decode_step",
-           "prompt_buckets", "TokenLogprobs", "TOP_LOGPROBS"]
+           "prompt_buckets", "prompt_logprobs", "TokenLogprobs", "TOP_LOGPROBS"]
 
 
 class GenerateOutput(NamedTuple):
@@ -340,6 +340,43 @@ def _decode_step(params, cache, tokens, adapters, active, temperature, top_p, ke
   new = new._replace(index=jnp.where(active, new.index, cache.index))
   tok = _sample_rows(logits[:, -1], key, temperature, top_p)
   return tok, _logprobs(logits[:, -1], tok, want & active), new
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _prompt_logprobs(params, tokens, adapter, *, apply_fn):
+  routed = _routed(params, adapter[None])
+  logits = apply_fn({"params": routed}, tokens)                       # [1, b, V]
+  return _logprobs(logits[0, :-1], tokens[0, 1:], jnp.bool_(True))
+
+
+def prompt_logprobs(model: LlamaForCausalLM, params: Any, prompt: Sequence[int], *,
+                    adapter: int = 0, buckets: Optional[Sequence[int]] = None,
+                    apply_fn: Optional[Callable] = None) -> TokenLogprobs:
+  """The :class:`TokenLogprobs` of every prompt token after the first, each under the model
+  given the tokens before it (one forward over the prompt, no cache): what OpenAI's completions
+  with ``echo`` and ``logprobs`` report for the prompt, and what log-likelihood evaluations use.
+
+  Args:
+    model, params, adapter, apply_fn: as for :func:`prefill_slot`.
+    prompt: token ids, at least 2.
+    buckets: padded lengths (default :func:`prompt_buckets` of ``len(prompt)`` rounded up), so
+      one program serves every prompt length of a bucket.
+
+  Returns:
+    :class:`TokenLogprobs` with ``len(prompt) - 1`` rows (row ``i``: token ``i + 1``).
+  """
+  n = len(prompt)
+  if n < 2:
+    raise ValueError(f"prompt_logprobs needs at least 2 tokens, got {n}")
+  buckets = sorted(prompt_buckets(max(2 * n, 16)) if buckets is None else buckets)
+  b = next((x for x in buckets if n <= x), None)
+  if b is None:
+    raise ValueError(f"no prompt bucket holds {n} tokens: {buckets}")
+  pad = model.config.pad_token_id or 0
+  tokens = jnp.asarray([list(prompt) + [pad] * (b - n)], jnp.int32)
+  lps = _prompt_logprobs(params, tokens, jnp.int32(adapter),
+                         apply_fn=_apply_fn(model, params, apply_fn))
+  return jax.tree.map(lambda x: x[:n - 1], lps)
 
 
 def _apply_fn(model, params, apply_fn):
