@@ -218,8 +218,9 @@ def merge_requantized(tree):
 
 
 #: How a model is loaded for QLoRA: attention and MLP kernels quantized to NF4 (blocks of 64,
-#: double quantization: :func:`apply`'s defaults) as they are read, embeddings, norms and the
-#: head in bfloat16 as in the paper; the float32 model is never built.
+#: double quantization: :func:`apply`'s defaults) as they are read (a GGUF file's own 4-bit
+#: blocks are kept instead: :func:`peftjax.io.from_gguf`'s ``gguf_blocks``), embeddings, norms
+#: and the head in bfloat16 as in the paper; the float32 model is never built.
 LOAD = {"quantize": {"format": "nf4", "block_size": 64, "double_quant": True},
         "dtype": "bfloat16"}
 
@@ -235,5 +236,6 @@ def _load(options: dict) -> dict:
 
 
 METHOD = method_lib.Method(
-    name="qlora", apply=apply, description="NF4 4-bit base (double quantization) + LoRA on top",
+    name="qlora", apply=apply, description="4-bit base + LoRA on top (NF4 with double quantization; a GGUF "
+                                  "model keeps its own Q4_0/Q4_1/Q8_0 blocks)",
     options=_lora.OPTIONS, step_hook=nodes_lib.set_rng, hf_peft_type="LORA", load=_load)
