@@ -15,7 +15,10 @@ bitsandbytes and qwix QLoRA run only when importable in this interpreter (otherw
 printed and recorded). The load average before and after each run is recorded: a busy machine
 does not change peak memory much, but it is there to read. Results go to
 ``benchmarks/results/memory-<shape>.json``; the table in ``docs/quant.md`` is regenerated from
-the committed runs (``--render`` redoes only that).
+the committed runs (``--render`` redoes only that). ``memory-big-plain.json`` is the big shape run
+by an interpreter without torch (``.venv-newest/bin/python benchmarks/memory.py --out
+benchmarks/results/memory-big-plain.json``): transformers imports torch whenever it is installed,
+which a plain ``pip install peftjax`` does not do.
 
 The directory is written one tensor at a time (NumPy only), so this parent process stays small.
 """
@@ -208,6 +211,8 @@ DOC = ROOT / "docs" / "quant.md"
 BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
 #: The committed runs the table shows, in its row order: (JSON label, row name).
 TABLE_RUNS = (("big", "big shape (random Llama, 0.54B, f32 safetensors; QLoRA: NF4 + DQ)"),
+              ("big-plain", "the same, run by `.venv-newest`'s interpreter: a plain install, no "
+                            "torch (transformers imports torch whenever it is installed)"),
               ("smollm2", "SmolLM2-135M (its Q4_1 GGUF; QLoRA keeps the file's Q4_1 blocks)"))
 
 
