@@ -232,6 +232,7 @@ def test_gguf_blocks_are_kept_bit_for_bit(block_gguf, scan):
   assert {v.format for v in _leaves(nf).values() if is_q(v)} == {"nf4"}
 
 
+@pytest.mark.newest_only   # ~20 s; not about the interpreter
 def test_kept_gguf_blocks_train_as_qlora_on_the_files_weights(block_gguf):
   """QLoRA on the kept blocks (Q4_1 with offsets, Q4_0, Q8_0; and the one NF4 stack) is LoRA on
   the dequantized base: the same loss and LoRA gradients (f32, jit and not), also through the
