@@ -1348,6 +1348,16 @@ def cmd_methods(a):
     print(f"{name:12s} {m.description}{also}" + (f"  [{opts}]" if opts else ""))
 
 
+def _add_out_args(p, files: str, whose: str):
+  """``--out`` and ``--overwrite`` of the commands that write one directory (merge, export,
+  merge-adapters)."""
+  p.add_argument("--out", required=True,
+                 help=f"output directory ({files}): new, empty, or an earlier {whose}")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --out that holds other files (files of the same names are "
+                      "replaced)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The ``peftjax`` argument parser (subcommands train, eval, merge, export, generate, methods,
   serve, merge-adapters)."""
@@ -1371,11 +1381,7 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="example:\n  peftjax merge --adapter run/ --out merged/",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--adapter", required=True, help="a `peftjax train --out` directory")
-  p.add_argument("--out", required=True, help="output directory (config.json + safetensors): "
-                                              "new, empty, or an earlier merge's")
-  p.add_argument("--overwrite", action="store_true",
-                 help="write into an --out that holds other files (files of the same names are "
-                      "replaced)")
+  _add_out_args(p, "config.json + safetensors", "merge's")
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                  help="dtype of the written weights (default: each parameter's)")
   p = sub.add_parser("export", help="write an adapter in Hugging Face PEFT format",
@@ -1383,12 +1389,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "  # PyTorch: peft.PeftModel.from_pretrained(model, 'hf_adapter/')",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--adapter", required=True, help="a `peftjax train --out` directory")
-  p.add_argument("--out", required=True, help="output directory (adapter_config.json + "
-                                              "adapter_model.safetensors): new, empty, or an "
-                                              "earlier export's")
-  p.add_argument("--overwrite", action="store_true",
-                 help="write into an --out that holds other files (files of the same names are "
-                      "replaced)")
+  _add_out_args(p, "adapter_config.json + adapter_model.safetensors", "export's")
   p = sub.add_parser("generate", help="generate text with a decoder (and a trained adapter)",
                      epilog="examples:\n  peftjax generate --model smollm2 --prompt 'The whale'\n"
                             "  peftjax generate --adapter run/ --prompt 'Call me'",
@@ -1468,12 +1469,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--majority-sign", default=None, choices=["total", "frequency"],
                  help="the ties rules' sign election (default: total)")
   p.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default: 0)")
-  p.add_argument("--out", required=True, help="output directory (adapter_config.json + "
-                                              "adapter_model.safetensors): new, empty, or an "
-                                              "earlier merge-adapters'")
-  p.add_argument("--overwrite", action="store_true",
-                 help="write into an --out that holds other files (files of the same names are "
-                      "replaced)")
+  _add_out_args(p, "adapter_config.json + adapter_model.safetensors", "merge-adapters'")
   sub.add_parser("methods", help="list the PEFT methods")
   return ap
 

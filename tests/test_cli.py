@@ -23,6 +23,7 @@ import pytest
 
 import peftjax
 from peftjax import cli
+from _cli import one_error, run
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +95,6 @@ def adapter_arrays(d: Path) -> list:
   import orbax.checkpoint as ocp
   saved = ocp.StandardCheckpointer().restore((d / "adapter").absolute())
   return [np.asarray(x) for x in jax.tree.leaves(saved)]
-
-
-def run(capsys, *argv):
-  rc = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return rc, out, err
-
-
-def one_error(capsys, *argv) -> str:
-  rc, out, err = run(capsys, *argv)
-  assert rc == 2, (out, err)
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and "Traceback" not in err, err
-  return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------

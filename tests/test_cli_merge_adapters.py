@@ -11,26 +11,13 @@ import pytest
 
 import peftjax
 from peftjax import cli, multi
+from _cli import one_error, run
 from peftjax.io import from_pretrained
 from peftjax.io.hf_peft import load_hf_peft, save_hf_peft
 from peftjax.lora import LoraWeight
 
 FIX = Path(__file__).parent / "fixtures" / "hf_peft_tiny_llama"
 BASE = FIX / "base"
-
-
-def run(capsys, *argv):
-  rc = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return rc, out, err
-
-
-def one_error(capsys, *argv) -> str:
-  rc, out, err = run(capsys, *argv)
-  assert rc == 2, (out, err)
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and "Traceback" not in err, err
-  return lines[0]
 
 
 @pytest.fixture(scope="module")
