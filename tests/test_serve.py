@@ -288,6 +288,7 @@ def model_logprobs(files, name, ids, gen):
   return lp[len(ids) - 1:len(ids) - 1 + len(gen)]
 
 
+@pytest.mark.newest_only   # not about the interpreter: the 3.11 suite is over budget
 def test_logprobs_are_the_models_log_softmax(files, server, client):
   """logprobs (completions, with echo too) and logprobs + top_logprobs (chat), streamed or not:
   each token's log-probability and its likeliest alternatives under the adapter's model; the

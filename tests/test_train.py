@@ -263,6 +263,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.newest_only   # not about the interpreter: the 3.11 suite is over budget
 def test_dp_fsdp_and_a_tensor_mesh_match_one_device():
   tuned, loss, tokens = _setup()
   ref = [h["loss"] for h in train(loss, tuned, _loader(tokens), _cfg()).history if "loss" in h]
