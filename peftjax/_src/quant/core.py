@@ -466,12 +466,14 @@ def _assemble(spec: dict, layers, *, check_finite: bool = True) -> QuantizedWeig
   if bad:
     raise ValueError(f"quantize: the leaf at {spec['path']!r} has {bad} non-finite value(s) "
                      f"(NaN/Inf); quantization needs finite weights")
+  return _stacked(spec, per_layer)
+
+
+def _stacked(spec: dict, per_layer: list) -> QuantizedWeight:
+  """The node of ``per_layer`` (one dict of storage arrays per layer) stacked on the layer axes."""
   stack = spec["stack"]
-  if spec["n_stack"]:
-    arrays = {name: jnp.stack([d[name] for d in per_layer]).reshape(
-        stack + per_layer[0][name].shape) for name in per_layer[0]}
-  else:
-    arrays = per_layer[0]
+  arrays = {name: jnp.stack([jnp.asarray(d[name]) for d in per_layer]).reshape(
+      stack + np.shape(per_layer[0][name])) for name in per_layer[0]}
   return QuantizedWeight(**arrays, format=spec["format"], block_size=spec["block_size"],
                          in_shape=spec["in_shape"], out_shape=spec["out_shape"],
                          dtype_name=spec["dtype_name"], kernel=spec["kernel"])
@@ -494,13 +496,7 @@ def from_blocks(shape: tuple, dtype, layers, *, format: str, block_size: int, la
   spec = _plan(tuple(shape), jnp.dtype(dtype), format=format, block_size=block_size,
                double_quant=False, symmetric=True, layout=layout, compute_dtype=compute_dtype,
                kernel=kernel, path=path)
-  per_layer = list(layers)
-  stack = spec["stack"]
-  arrays = {name: jnp.asarray(np.stack([d[name] for d in per_layer]).reshape(
-      stack + np.shape(per_layer[0][name]))) for name in per_layer[0]}
-  return QuantizedWeight(**arrays, format=format, block_size=spec["block_size"],
-                         in_shape=spec["in_shape"], out_shape=spec["out_shape"],
-                         dtype_name=spec["dtype_name"], kernel=spec["kernel"])
+  return _stacked(spec, list(layers))
 
 
 def quantize_layers(shape: tuple, dtype, layers, **options) -> QuantizedWeight:
